@@ -1,0 +1,150 @@
+"""Things every stage needs: where files go, which device to use, logging, offline data, and Ray."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing data, corrupt file). The CLI prints it as one line."""
+
+
+# ------------------------------------------------------------------------------------------ directories
+
+def get_base_dir() -> Path:
+    """Root of everything raychat writes: RAYCHAT_BASE_DIR, default ~/.cache/raychat."""
+    base = Path(os.environ.get("RAYCHAT_BASE_DIR") or Path.home() / ".cache" / "raychat").expanduser()
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def tokenizer_dir() -> Path:
+    return get_base_dir() / "tokenizer"
+
+
+def base_data_dir() -> Path:
+    """Downloaded FineWeb-EDU shards."""
+    return get_base_dir() / "base_data"
+
+
+def checkpoint_dir(stage: str, run_name: str, storage_path: str = "") -> Path:
+    """checkpoints/{stage}/{run}: on the cluster storage path when one is configured."""
+    root = Path(storage_path) if storage_path else get_base_dir()
+    return root / "checkpoints" / stage / run_name
+
+
+def report_dir() -> Path:
+    return get_base_dir() / "report"
+
+
+def tensorboard_dir(stage: str, run_name: str) -> Path:
+    return get_base_dir() / "tb" / stage / run_name
+
+
+def get_data_dir(subdir: str = "") -> Path | None:
+    """Offline datasets: RAYCHAT_DATA_DIR[/subdir], or None when unset (then stages download)."""
+    root = os.environ.get("RAYCHAT_DATA_DIR")
+    if not root:
+        return None
+    path = Path(root).expanduser().resolve() / subdir
+    if not path.exists():
+        raise UserError(f"RAYCHAT_DATA_DIR is set but {path} does not exist")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- devices
+
+def detect_device() -> str:
+    """'cuda', 'mps' or 'cpu' (torch is imported lazily: the CLI's --help must stay fast)."""
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(setting: str, device: str) -> str:
+    """'auto' means bf16 on an accelerator, fp32 on CPU (bf16 is ~3x slower on AVX2 CPUs)."""
+    if setting != "auto":
+        return setting
+    return "bf16" if device == "cuda" else "fp32"
+
+
+# ------------------------------------------------------------------------------------------- logging
+
+def get_rank() -> int:
+    """Global rank of this process (0 outside distributed runs)."""
+    for var in ("RANK", "WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:
+        pass
+    return 0
+
+
+class _RankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = get_rank()
+        return record.rank == 0 or record.levelno >= logging.WARNING or os.environ.get("RAYCHAT_LOG_ALL_RANKS") == "1"
+
+
+def get_logger(name: str = "raychat") -> logging.Logger:
+    """Logger that prints INFO on rank 0 only (warnings and errors on every rank), tagged with the rank."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(message)s", "%H:%M:%S"))
+        handler.addFilter(_RankFilter())
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("RAYCHAT_LOG_LEVEL", "INFO"))
+        logger.propagate = False
+    return logger
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- Ray
+
+# Set before Ray starts a local node (ENVIRONMENT.md §0): node on 127.0.0.1 instead of eth0, fast
+# ray.train.report (the 2 s default health check makes each report cost ~1.3 s), quiet Ray Data logs.
+LOCAL_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, **kwargs):
+    """Connect to RAY_ADDRESS when it is set (a cluster, or inside `ray job submit`); otherwise start a
+    local Ray on 127.0.0.1 with enough logical CPUs for Ray Data beside the train workers.
+
+    On 2 cores, 2 train workers holding one CPU each leave Ray Data no CPU and the pipeline hangs
+    (ENVIRONMENT.md trap 1), so the local node advertises at least 4 logical CPUs.
+    """
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+    if ray.is_initialized():
+        return ray
+    env_vars = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
+    env_vars.update({k: os.environ[k] for k in ("RAYCHAT_BASE_DIR", "RAYCHAT_DATA_DIR") if k in os.environ})
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)
+        return ray
+    if num_cpus is None:
+        num_cpus = max(4, 2 * (os.cpu_count() or 1))
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=True,
+             dashboard_host="127.0.0.1", runtime_env=runtime_env, **kwargs)
+    return ray

@@ -1,0 +1,327 @@
+"""Stage configs and presets.
+
+One dataclass per stage; a `Config` holds one of each. Presets are code (`PRESETS`), and every field can
+be overridden from the command line with `--set section.field=value`. Every field declares what it
+accepts (type, range or choices), so a bad override is answered with one line naming the field and
+what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in a preset name or an override; the CLI prints it as one line."""
+
+
+def opt(default: Any, *, min: float | None = None, max: float | None = None, choices: tuple | None = None,
+        help: str = "") -> Any:
+    """A config field with its allowed values attached (checked by `Config.validate`)."""
+    return field(default=default, metadata={"min": min, "max": max, "choices": choices, "help": help})
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+@dataclass
+class RunConfig:
+    name: str = opt("default", help="run name: checkpoints/{stage}/{name}; resubmitting the same name resumes")
+    storage_path: str = opt("", help="cluster storage (shared FS or s3://); empty = RAYCHAT_BASE_DIR")
+    seed: int = opt(42, min=0)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = opt(65536, min=256 + 9, max=2**20, help="including the 9 special tokens")
+    max_chars: int = opt(2_000_000_000, min=1, help="characters of training text read from the shards")
+    doc_cap: int = opt(10_000, min=1, help="each document is cropped to this many characters")
+    num_threads: int = opt(0, min=0, help="0 = all cores")
+
+
+@dataclass
+class DataConfig:
+    base_url: str = opt("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+                        help="FineWeb-EDU shard mirror; HF_ENDPOINT replaces the host")
+    max_shard: int = opt(1822, min=1, help="index of the last shard (the validation split)")
+    num_shards: int = opt(-1, min=-1, help="train shards to fetch; -1 = derived from the token budget")
+    chars_per_token: float = opt(4.8, min=0.5, max=32.0)
+    download_workers: int = opt(8, min=1, max=64)
+    packing: str = opt("bos_bestfit", choices=("bos_bestfit", "concat"))
+    tokenizer_batch_size: int = opt(128, min=1, help="documents per map_batches call")
+    buffer_docs: int = opt(1000, min=1, help="documents held for best-fit packing, per rank")
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every trainer (pretrain, midtrain, sft)."""
+    num_workers: int = opt(8, min=1, help="Ray Train workers (one per GPU)")
+    use_gpu: bool = opt(True)
+    cpus_per_worker: float = opt(1.0, min=0.0, max=256.0)
+    zero_stage: int = opt(2, choices=(0, 1, 2))
+    dtype: str = opt("auto", choices=("auto", "bf16", "fp32"), help="auto = bf16 on GPU, fp32 on CPU")
+    compile: bool = opt(True, help="torch.compile the model (GPU only)")
+    sequence_len: int = opt(2048, min=8, max=65536)
+    device_batch_size: int = opt(32, min=1, help="rows per worker per micro-step")
+    total_batch_size: int = opt(524_288, min=1, help="tokens per optimizer step, all workers together")
+    num_iterations: int = opt(-1, min=-1, help="-1 = derived from the horizon")
+    embedding_lr: float = opt(0.2, min=0.0, max=10.0)
+    unembedding_lr: float = opt(0.004, min=0.0, max=10.0)
+    matrix_lr: float = opt(0.02, min=0.0, max=10.0)
+    weight_decay: float = opt(0.0, min=0.0, max=1.0)
+    warmup_ratio: float = opt(0.0, min=0.0, max=1.0)
+    warmdown_ratio: float = opt(0.2, min=0.0, max=1.0)
+    final_lr_frac: float = opt(0.0, min=0.0, max=1.0)
+    grad_clip: float = opt(0.0, min=0.0, help="0 = no clipping")
+    log_every: int = opt(1, min=1)
+    eval_every: int = opt(250, min=0, help="0 = only at the end")
+    eval_tokens: int = opt(20 * 524_288, min=1)
+    sample_every: int = opt(2000, min=0)
+    save_every: int = opt(1000, min=0, help="0 = only at the end")
+    max_failures: int = opt(3, min=0, help="worker deaths survived by restarting from the last checkpoint")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    depth: int = opt(20, min=1, max=128, help="layers; width = 64 x depth")
+    max_seq_len: int = opt(2048, min=8, max=65536)
+    target_param_data_ratio: float = opt(20.0, min=0.0, help="tokens per parameter (Chinchilla = 20)")
+    core_every: int = opt(2000, min=0, help="CORE during training; 0 = only at the end")
+    core_max_per_task: int = opt(500, min=-1, help="-1 = every example")
+
+
+@dataclass
+class MidtrainConfig(TrainConfig):
+    num_iterations: int = opt(-1, min=-1, help="-1 = one epoch of the mixture")
+    warmdown_ratio: float = opt(0.2, min=0.0, max=1.0)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    device_batch_size: int = opt(4, min=1)
+    total_batch_size: int = opt(32, min=1, help="conversations per optimizer step")
+    num_epochs: int = opt(1, min=1)
+    init_lr_frac: float = opt(0.02, min=0.0, max=1.0)
+
+
+@dataclass
+class RLConfig:
+    num_workers: int = opt(8, min=1)
+    use_gpu: bool = opt(True)
+    num_rollout_actors: int = opt(8, min=1)
+    num_samples: int = opt(16, min=1, max=1024, help="answers sampled per question (the group)")
+    examples_per_step: int = opt(16, min=1)
+    max_new_tokens: int = opt(256, min=1, max=4096)
+    temperature: float = opt(1.0, min=0.0, max=2.0)
+    top_k: int = opt(50, min=0, max=200)
+    num_epochs: int = opt(1, min=1)
+    init_lr_frac: float = opt(0.05, min=0.0, max=1.0)
+
+
+@dataclass
+class EvalConfig:
+    num_actors: int = opt(8, min=1, help="Ray actors that share the CORE tasks")
+    use_gpu: bool = opt(True)
+    core_max_per_task: int = opt(-1, min=-1, help="-1 = every example")
+    bpb_tokens: int = opt(20 * 524_288, min=1, help="validation tokens for bits-per-byte")
+    batch_size: int = opt(32, min=1)
+    chat_tasks: str = opt("ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee")
+    max_problems: int = opt(-1, min=-1, help="per chat task; -1 = all")
+
+
+@dataclass
+class ServeConfig:
+    host: str = opt("127.0.0.1")
+    port: int = opt(8000, min=1, max=65535)
+    source: str = opt("sft", choices=("base", "mid", "sft", "rl"))
+    num_replicas: int = opt(1, min=1, max=1024)
+    min_replicas: int = opt(1, min=0, max=1024)
+    max_replicas: int = opt(1, min=1, max=1024)
+    target_ongoing_requests: float = opt(16.0, min=0.1)
+    use_gpu: bool = opt(True)
+    cpus_per_replica: float = opt(1.0, min=0.0)
+    max_batch_size: int = opt(32, min=1, max=1024, help="sequences decoded together per replica")
+    max_queued: int = opt(64, min=0, help="waiting requests beyond the batch; more get 429")
+    max_messages: int = opt(64, min=1)
+    max_chars_per_message: int = opt(8000, min=1)
+    max_total_chars: int = opt(32000, min=1)
+    default_max_tokens: int = opt(512, min=1, max=4096)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    midtrain: MidtrainConfig = field(default_factory=MidtrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    preset: str = "d20"
+
+    # ------------------------------------------------------------------ (de)serialisation, validation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls(preset=d.get("preset", "custom"))
+        for section, values in d.items():
+            if section == "preset":
+                continue
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value)
+        cfg.validate()
+        return cfg
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set `section.field` from a string (CLI) or an already typed value (JSON)."""
+        section_name, _, key = dotted.partition(".")
+        sections = {f.name for f in fields(self) if f.name != "preset"}
+        if section_name not in sections or not key:
+            raise ConfigError(f"unknown config key '{dotted}': expected section.field with section one of "
+                              f"{', '.join(sorted(sections))}")
+        section = getattr(self, section_name)
+        by_name = {f.name: f for f in fields(section)}
+        if key not in by_name:
+            raise ConfigError(f"unknown config key '{dotted}': {section_name} has "
+                              f"{', '.join(sorted(by_name))}")
+        setattr(section, key, _coerce(dotted, by_name[key], value))
+
+    def validate(self) -> None:
+        for section_field in fields(self):
+            if section_field.name == "preset":
+                continue
+            section = getattr(self, section_field.name)
+            for f in fields(section):
+                _check_range(f"{section_field.name}.{f.name}", f, getattr(section, f.name))
+        if self.serve.min_replicas > self.serve.max_replicas:
+            raise ConfigError(f"serve.min_replicas ({self.serve.min_replicas}) must be <= serve.max_replicas "
+                              f"({self.serve.max_replicas})")
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    # annotations are strings because of `from __future__ import annotations`
+    return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
+def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
+    kind = _type_of(f)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got '{value}'")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got '{value}'")
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:  # allow 2e9 and 2.0e9 when they are whole numbers
+                as_float = float(text)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise ConfigError(f"{name} must be an integer, got '{value}'") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got '{value}'")
+        try:
+            return float(str(value).strip().replace("_", "")) if not isinstance(value, (int, float)) else float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got '{value}'") from None
+    return str(value)
+
+
+def _check_range(name: str, f: dataclasses.Field, value: Any) -> None:
+    lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got '{value}'")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{name} must be >= {lo:g}{f' and <= {hi:g}' if hi is not None else ''}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name} must be <= {hi:g}{f' and >= {lo:g}' if lo is not None else ''}, got {value}")
+
+
+# -------------------------------------------------------------------------------------------- presets
+
+def _gpu_tier(depth: int, device_batch_size: int) -> dict:
+    """nanochat's speedrun tiers on one 8xH100 node; larger models use smaller device batches."""
+    return {
+        "pretrain.depth": depth,
+        "pretrain.device_batch_size": device_batch_size,
+        "midtrain.device_batch_size": device_batch_size,
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # every stage on 2 CPU cores in minutes: a 2-layer model, a 4k vocab, the offline shards
+    "demo": {
+        "tokenizer.vocab_size": 4096,
+        "tokenizer.max_chars": 4_000_000,
+        "data.num_shards": 2,
+        "data.download_workers": 2,
+        "data.buffer_docs": 64,
+        "data.tokenizer_batch_size": 32,
+        **{f"{stage}.{k}": v for stage in ("pretrain", "midtrain", "sft") for k, v in {
+            "num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.5, "dtype": "fp32", "compile": False,
+            "zero_stage": 2, "log_every": 10, "sample_every": 0, "save_every": 50, "eval_every": 50,
+        }.items()},
+        "pretrain.depth": 2,
+        "pretrain.max_seq_len": 256,
+        "pretrain.sequence_len": 256,
+        "pretrain.device_batch_size": 8,
+        "pretrain.total_batch_size": 8192,
+        "pretrain.num_iterations": 150,
+        "pretrain.embedding_lr": 0.1,
+        "pretrain.eval_tokens": 16384,
+        "pretrain.core_every": 0,
+        "pretrain.core_max_per_task": 16,
+        "midtrain.sequence_len": 256,
+        "midtrain.device_batch_size": 8,
+        "midtrain.total_batch_size": 4096,
+        "midtrain.eval_tokens": 8192,
+        "sft.device_batch_size": 4,
+        "sft.total_batch_size": 8,
+        "rl.num_workers": 2, "rl.use_gpu": False, "rl.num_rollout_actors": 1,
+        "rl.num_samples": 4, "rl.examples_per_step": 2, "rl.max_new_tokens": 32,
+        "eval.num_actors": 2, "eval.use_gpu": False, "eval.core_max_per_task": 16,
+        "eval.bpb_tokens": 16384, "eval.batch_size": 8, "eval.max_problems": 16,
+        "serve.use_gpu": False, "serve.cpus_per_replica": 1.0, "serve.max_batch_size": 32,
+        "serve.default_max_tokens": 64, "serve.source": "base",
+    },
+    "d20": _gpu_tier(20, 32),   # 561 M parameters, ~4 h on 8xH100 (nanochat's $100 run)
+    "d26": _gpu_tier(26, 16),   # ~1.1 B parameters, ~12 h
+    "d32": _gpu_tier(32, 8),    # ~1.9 B parameters, ~33 h
+}
+
+
+def load_config(preset: str = "d20", overrides: list[str] | None = None) -> Config:
+    """The effective config: a preset, then `section.field=value` overrides, validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    cfg = Config(preset=preset)
+    for key, value in PRESETS[preset].items():
+        cfg.set(key, value)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"bad override '{item}': expected section.field=value")
+        cfg.set(key.strip(), value)
+    cfg.validate()
+    return cfg

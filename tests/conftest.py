@@ -1,0 +1,34 @@
+"""Shared fixtures. Ray's environment is set before anything imports Ray (ENVIRONMENT.md §0)."""
+import os
+
+from raychat.common import LOCAL_RAY_ENV
+
+for _key, _value in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The offline datasets (RAYCHAT_DATA_DIR; CI points it at ../shared/data)."""
+    root = os.environ.get("RAYCHAT_DATA_DIR")
+    if not root or not Path(root).is_dir():
+        pytest.fail("RAYCHAT_DATA_DIR must point at the offline datasets (see README)")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray for the whole session, on 127.0.0.1, 4 logical CPUs on 2 cores."""
+    os.environ.setdefault("RAYCHAT_BASE_DIR", str(tmp_path_factory.mktemp("raychat_base")))
+    from raychat.common import init_ray
+    ray = init_ray(num_cpus=4, object_store_memory=512 * 2**20)
+    yield ray
+    ray.shutdown()
