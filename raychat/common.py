@@ -144,7 +144,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)
         return ray
     if num_cpus is None:
-        num_cpus = max(4, 2 * (os.cpu_count() or 1))
+        num_cpus = max(4, (os.cpu_count() or 1) + 2)
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env=runtime_env, **kwargs)
     return ray
