@@ -131,6 +131,9 @@ class EvalConfig:
     batch_size: int = opt(32, min=1)
     chat_tasks: str = opt("ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee")
     max_problems: int = opt(-1, min=-1, help="per chat task; -1 = all")
+    bundle_url: str = opt("https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip",
+                          help="CORE eval bundle (zip), downloaded when RAYCHAT_DATA_DIR is unset")
+    bundle_sha256: str = opt("", help="expected sha256 of the bundle zip; empty = check its CRCs only")
 
 
 @dataclass
