@@ -30,6 +30,8 @@ class RunConfig:
     name: str = opt("default", help="run name: checkpoints/{stage}/{name}; resubmitting the same name resumes")
     storage_path: str = opt("", help="cluster storage (shared FS or s3://); empty = RAYCHAT_BASE_DIR")
     seed: int = opt(42, min=0)
+    kill_worker_at_step: int = opt(-1, min=-1, help="fault-tolerance drill: the last worker SIGKILLs itself once "
+                                                   "at this step; -1 = off")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class DataConfig:
     packing: str = opt("bos_bestfit", choices=("bos_bestfit", "concat"))
     tokenizer_batch_size: int = opt(128, min=1, help="documents per map_batches call")
     buffer_docs: int = opt(1000, min=1, help="documents held for best-fit packing, per rank")
+    prefetch_batches: int = opt(2, min=1, max=64, help="packed batches prepared ahead of the training step")
 
 
 @dataclass
@@ -90,7 +93,8 @@ class PretrainConfig(TrainConfig):
     depth: int = opt(20, min=1, max=128, help="layers; width = 64 x depth")
     max_seq_len: int = opt(2048, min=8, max=65536)
     target_param_data_ratio: float = opt(20.0, min=0.0, help="tokens per parameter (Chinchilla = 20)")
-    core_every: int = opt(2000, min=0, help="CORE during training; 0 = only at the end")
+    core_every: int = opt(2000, min=0, help="CORE on rank 0 every N steps and at the end; 0 = never "
+                                                  "(raychat eval base computes it)")
     core_max_per_task: int = opt(500, min=-1, help="-1 = every example")
 
 

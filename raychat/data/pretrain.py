@@ -1,0 +1,412 @@
+"""The pretraining token stream: shards -> tokenized documents -> packed (B, T) batches, per rank, resumable.
+
+Ray Data cannot resume a stream mid-epoch, and its `streaming_split` does not give a rank the same data
+twice, so raychat owns the data position. Every rank reads a fixed share of the corpus: its contiguous
+slice (1/world_size) of every parquet row group, in file and row-group order. The share numbers its
+documents 0, 1, 2, ... and keeps counting across epochs (document `seq` of epoch e is
+`e * docs_per_epoch + k`), so a position is one integer.
+
+Per rank, a Ray Data pipeline (or the same functions in a plain loop with `use_ray=False`) reads the
+share's row-group slices and tokenizes them in `map_batches` with BOS prepended to every document,
+in order. Packing happens on the consuming side, in a background thread, into rows of T+1 tokens
+(inputs = row[:-1], targets = row[1:]):
+
+- `concat`: documents are concatenated and cut into rows; no token is dropped (nanochat v0).
+- `bos_bestfit`: every row starts at a document's BOS; from a buffer of documents, the longest one that
+  still fits is placed, and when none fits the shortest is cropped to fill the row (the rest is dropped).
+
+The cursor (`state_dict()`) is the packer's state after the last yielded batch: the next unread `seq`,
+plus, for `concat`, the token offset into the document the next row starts in, or, for `bos_bestfit`,
+the `seq`s still in the buffer. Rebuilding from it re-reads exactly those documents, so the rebuilt
+stream yields the rows the uninterrupted one would have: nothing replayed, nothing skipped.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import pickle
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from raychat.common import UserError
+from raychat.data.fineweb import open_shard, shard_paths
+
+CURSOR_VERSION = 1
+
+
+# ------------------------------------------------------------------------------- which documents
+
+class DocumentPlan:
+    """The documents one rank reads each epoch: its slice of every row group, in a fixed order."""
+
+    def __init__(self, paths: list[Path], rank: int, world_size: int):
+        self.paths = [str(p) for p in paths]
+        self.units = []   # (path index, row group, first row, end row) in reading order
+        for index, path in enumerate(paths):
+            metadata = open_shard(path).metadata
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                start, stop = rows * rank // world_size, rows * (rank + 1) // world_size
+                if stop > start:
+                    self.units.append((index, group, start, stop))
+        self.unit_starts = np.cumsum([0] + [stop - start for _, _, start, stop in self.units]).tolist()
+        self.docs_per_epoch = self.unit_starts[-1]
+
+    def work_items(self, seq: int) -> list[dict]:
+        """Read tasks from document `seq` to the end of its epoch, one per row-group slice."""
+        epoch, k = divmod(seq, self.docs_per_epoch)
+        first = bisect.bisect_right(self.unit_starts, k) - 1
+        items = []
+        for u in range(first, len(self.units)):
+            index, group, start, stop = self.units[u]
+            skip = k - self.unit_starts[u] if u == first else 0
+            items.append({"path": self.paths[index], "row_group": group, "start": start + skip, "stop": stop,
+                          "first_seq": epoch * self.docs_per_epoch + self.unit_starts[u] + skip})
+        return items
+
+    def items_for(self, seqs) -> list[dict]:
+        """Read tasks for an arbitrary set of documents (the best-fit buffer of a cursor), one doc each."""
+        items = []
+        for seq in sorted(seqs):
+            epoch, k = divmod(seq, self.docs_per_epoch)
+            u = bisect.bisect_right(self.unit_starts, k) - 1
+            index, group, start, _ = self.units[u]
+            row = start + k - self.unit_starts[u]
+            items.append({"path": self.paths[index], "row_group": group, "start": row, "stop": row + 1,
+                          "first_seq": seq})
+        return items
+
+
+# ------------------------------------------------------------ read + tokenize (runs in Ray Data tasks)
+
+def read_documents(batch):
+    """map_batches: read tasks (pyarrow table of path/row_group/start/stop/first_seq) -> (seq, text) rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    seqs, texts = [], []
+    for item in batch.to_pylist():
+        column = pq.ParquetFile(item["path"]).read_row_group(item["row_group"], columns=["text"]).column("text")
+        texts.extend(column.slice(item["start"], item["stop"] - item["start"]).to_pylist())
+        seqs.extend(range(item["first_seq"], item["first_seq"] + item["stop"] - item["start"]))
+    return pa.table({"seq": pa.array(seqs, pa.int64()), "text": pa.array(texts, pa.large_string())})
+
+
+_TOKENIZERS: dict[str, object] = {}   # per worker process: unpickled once, reused by every task
+
+
+def _tokenizer_from(blob: bytes):
+    key = hashlib.sha1(blob).hexdigest()
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = pickle.loads(blob)
+    return _TOKENIZERS[key]
+
+
+def tokenize_documents(batch, tokenizer_blob: bytes, bos: int):
+    """map_batches: (seq, text) rows -> (seq, tokens) rows, BOS prepended, tiktoken batch encoding."""
+    import pyarrow as pa
+    tokenizer = _tokenizer_from(tokenizer_blob)
+    ids = tokenizer.encode(batch.column("text").to_pylist(), prepend=bos)
+    return pa.table({"seq": batch.column("seq"), "tokens": pa.array(ids, pa.list_(pa.int32()))})
+
+
+def _table_documents(table) -> Iterator[tuple[int, np.ndarray]]:
+    seqs = table.column("seq").to_numpy()
+    tokens = table.column("tokens").combine_chunks()
+    offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
+    for i, seq in enumerate(seqs):
+        yield int(seq), values[offsets[i]:offsets[i + 1]]
+
+
+def _local_documents(items, tokenizer_blob, bos, batch_size) -> Iterator[tuple[int, np.ndarray]]:
+    """The same read -> tokenize steps in this process, in order (use_ray=False, cursor restore)."""
+    import pyarrow as pa
+    for item in items:
+        texts = read_documents(pa.Table.from_pylist([item]))
+        for start in range(0, texts.num_rows, batch_size):
+            yield from _table_documents(tokenize_documents(texts.slice(start, batch_size), tokenizer_blob, bos))
+
+
+def _ray_documents(items, tokenizer_blob, bos, batch_size, prefetch) -> Iterator[tuple[int, np.ndarray]]:
+    """Ray Data: one read task per row-group slice, tokenized in map_batches, delivered in order."""
+    import ray.data
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_documents, batch_size=1, batch_format="pyarrow")
+    ds = ds.map_batches(tokenize_documents, batch_size=batch_size, batch_format="pyarrow",
+                        fn_kwargs={"tokenizer_blob": tokenizer_blob, "bos": bos})
+    ds.context.execution_options.preserve_order = True   # the packer needs documents in seq order
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch):
+        yield from _table_documents(table)
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+class _Packer:
+    """Turns the ordered document stream into rows of `row_len` tokens; owns the cursor state."""
+
+    def __init__(self, mode: str, row_len: int, buffer_docs: int, documents: Iterator, next_seq: int,
+                 head=None, buffered=()):
+        self.mode, self.row_len, self.buffer_docs = mode, row_len, buffer_docs
+        self.documents = documents          # yields (seq, tokens) starting at next_seq
+        self.next_seq = next_seq
+        self.head = head                    # concat: [seq, tokens, offset] of the document being cut
+        self.keys, self.docs = [], []       # bos_bestfit: buffer sorted by (length, -seq)
+        for seq, tokens in buffered:
+            self._insert(seq, tokens)
+        self.exhausted = False
+        self.cropped_tokens = 0
+        self.packed_tokens = 0
+
+    def _pull(self):
+        if self.exhausted:
+            return None
+        try:
+            seq, tokens = next(self.documents)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        assert seq == self.next_seq, f"document stream out of order: got {seq}, expected {self.next_seq}"
+        self.next_seq += 1
+        return seq, tokens
+
+    def _insert(self, seq, tokens):
+        key = (len(tokens), -seq)
+        i = bisect.bisect_left(self.keys, key)
+        self.keys.insert(i, key)
+        self.docs.insert(i, tokens)
+
+    def row(self) -> np.ndarray | None:
+        return self._concat_row() if self.mode == "concat" else self._bestfit_row()
+
+    def _concat_row(self):
+        row, filled = np.empty(self.row_len, dtype=np.int64), 0
+        while filled < self.row_len:
+            if self.head is None:
+                document = self._pull()
+                if document is None:
+                    return None
+                self.head = [document[0], document[1], 0]
+            seq, tokens, offset = self.head
+            take = min(self.row_len - filled, len(tokens) - offset)
+            row[filled:filled + take] = tokens[offset:offset + take]
+            filled += take
+            self.head[2] += take
+            if self.head[2] == len(tokens):
+                self.head = None
+        self.packed_tokens += self.row_len
+        return row
+
+    def _bestfit_row(self):
+        row, filled = np.empty(self.row_len, dtype=np.int64), 0
+        while filled < self.row_len:
+            while len(self.keys) < self.buffer_docs:
+                document = self._pull()
+                if document is None:
+                    break
+                self._insert(*document)
+            if not self.keys:
+                return None
+            remaining = self.row_len - filled
+            # the longest document that fits whole (ties: the oldest); none fits -> crop the shortest
+            i = bisect.bisect_right(self.keys, (remaining, 0)) - 1
+            if i < 0:
+                i = 0
+            self.keys.pop(i)
+            tokens = self.docs.pop(i)
+            take = min(remaining, len(tokens))
+            row[filled:filled + take] = tokens[:take]
+            filled += take
+            self.cropped_tokens += len(tokens) - take
+        self.packed_tokens += self.row_len
+        return row
+
+    def cursor(self) -> dict:
+        if self.mode == "concat":
+            if self.head is not None:
+                return {"next_seq": self.head[0], "offset": self.head[2], "buffer": []}
+            return {"next_seq": self.next_seq, "offset": 0, "buffer": []}
+        return {"next_seq": self.next_seq, "offset": 0, "buffer": sorted(-seq for _, seq in self.keys)}
+
+
+# ------------------------------------------------------------------------------------------ stream
+
+_END = object()
+
+
+class PretrainStream:
+    """Per-rank iterator of packed `(inputs, targets)` LongTensor batches of shape (batch_size, seq_len).
+
+    `split="train"` cycles through epochs forever; `split="val"` makes one deterministic pass and stops.
+    `state_dict()` is a small JSON-serialisable cursor; `PretrainStream(..., cursor=it)` continues exactly
+    after the last batch yielded before it was taken. Resuming needs the same rank and world size.
+    """
+
+    def __init__(self, cfg, tokenizer, split: str, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, cursor: dict | None = None, use_ray: bool = True):
+        if split not in ("train", "val"):
+            raise UserError(f"unknown split '{split}': expected 'train' or 'val'")
+        if batch_size < 1 or seq_len < 1:
+            raise UserError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is outside world_size {world_size}")
+        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.rank, self.world_size, self.use_ray = rank, world_size, use_ray
+        self.mode = cfg.data.packing
+        self.buffer_docs = cfg.data.buffer_docs
+        self.tokenizer_batch_size = cfg.data.tokenizer_batch_size
+        self.prefetch = cfg.data.prefetch_batches
+
+        paths = shard_paths(cfg, split)
+        if cursor is not None:
+            paths = self._check_cursor(cursor, paths)
+        self.plan = DocumentPlan(paths, rank, world_size)
+        if self.plan.docs_per_epoch == 0:
+            raise UserError(f"rank {rank} of {world_size} gets no {split} documents: the {split} shards have "
+                            f"fewer documents per row group than there are ranks")
+        self.tokenizer_blob = pickle.dumps(tokenizer)
+        self.bos = tokenizer.get_bos_token_id()
+
+        position = cursor or {"next_seq": 0, "offset": 0, "buffer": []}
+        self._cursor = self._full_cursor(position)
+        self._cropped, self._packed = 0, 0
+        self._delivered_tokens, self._started, self._wait_s = 0, None, 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(position,), daemon=True,
+                                        name=f"raychat-data-{split}-rank{rank}")
+        self._thread.start()
+
+    # ------------------------------------------------------------------ cursor
+
+    def _full_cursor(self, position: dict) -> dict:
+        return {"version": CURSOR_VERSION, "split": self.split, "packing": self.mode, "rank": self.rank,
+                "world_size": self.world_size, "shards": [Path(p).name for p in self.plan.paths],
+                "epoch": position["next_seq"] // self.plan.docs_per_epoch,
+                "next_seq": position["next_seq"], "offset": position["offset"], "buffer": list(position["buffer"])}
+
+    def _check_cursor(self, cursor: dict, paths: list[Path]) -> list[Path]:
+        """Refuse a cursor this stream cannot continue exactly; return the shard list it was made with."""
+        if not isinstance(cursor, dict) or cursor.get("version") != CURSOR_VERSION:
+            raise UserError(f"data cursor is not a version-{CURSOR_VERSION} raychat cursor: {str(cursor)[:80]}")
+        if cursor["world_size"] != self.world_size or cursor["rank"] != self.rank:
+            raise UserError(f"data cursor was saved by rank {cursor['rank']} of {cursor['world_size']} workers; "
+                            f"this is rank {self.rank} of {self.world_size}: resuming with a different number "
+                            f"of workers would replay or skip data (use num_workers={cursor['world_size']})")
+        for key, mine in (("split", self.split), ("packing", self.mode)):
+            if cursor[key] != mine:
+                raise UserError(f"data cursor was saved with {key}={cursor[key]}, this stream uses {key}={mine}")
+        by_name = {p.name: p for p in paths}
+        missing = [name for name in cursor["shards"] if name not in by_name]
+        if missing:
+            raise UserError(f"data cursor needs shard(s) {', '.join(missing[:3])} which are not in "
+                            f"{paths[0].parent if paths else 'the data directory'}")
+        return [by_name[name] for name in cursor["shards"]]
+
+    def state_dict(self) -> dict:
+        """The cursor after the last yielded batch (JSON-serialisable; pass it back as `cursor=`)."""
+        return {**self._cursor, "buffer": list(self._cursor["buffer"]), "shards": list(self._cursor["shards"])}
+
+    def stats(self) -> dict:
+        elapsed = time.perf_counter() - self._started if self._started else 0.0
+        total = self._packed + self._cropped
+        return {"tokens_per_s": self._delivered_tokens / elapsed if elapsed > 0 else 0.0,
+                "cropped_fraction": self._cropped / total if total else 0.0,
+                "epoch": self._cursor["epoch"], "wait_s": self._wait_s}
+
+    # ---------------------------------------------------------------- producer thread
+
+    def _documents(self, start_seq: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Documents from `start_seq` on: one pipeline per epoch; train wraps forever, val stops."""
+        seq = start_seq
+        while True:
+            if self.split == "val" and seq >= self.plan.docs_per_epoch:
+                return
+            items = self.plan.work_items(seq)
+            if self.use_ray:
+                yield from _ray_documents(items, self.tokenizer_blob, self.bos, self.tokenizer_batch_size,
+                                          self.prefetch)
+            else:
+                yield from _local_documents(items, self.tokenizer_blob, self.bos, self.tokenizer_batch_size)
+            seq = (seq // self.plan.docs_per_epoch + 1) * self.plan.docs_per_epoch
+
+    def _restore(self, position: dict) -> _Packer:
+        """A packer in the state the cursor describes: its buffered documents re-read and re-tokenized."""
+        next_seq, offset, buffer = position["next_seq"], position["offset"], position["buffer"]
+        restored = list(_local_documents(self.plan.items_for(buffer), self.tokenizer_blob, self.bos,
+                                         self.tokenizer_batch_size)) if buffer else []
+        documents = self._documents(next_seq)
+        packer = _Packer(self.mode, self.seq_len + 1, self.buffer_docs, documents, next_seq, buffered=restored)
+        if self.mode == "concat" and offset:
+            seq, tokens = packer._pull()
+            packer.head = [seq, tokens, offset]
+        return packer
+
+    def _produce(self, position: dict) -> None:
+        import torch
+        try:
+            packer = self._restore(position)
+            while not self._stop.is_set():
+                rows = []
+                for _ in range(self.batch_size):
+                    row = packer.row()
+                    if row is None:
+                        break
+                    rows.append(row)
+                if len(rows) < self.batch_size:   # only val ends; a partial last batch is dropped
+                    self._put(_END)
+                    return
+                batch = torch.from_numpy(np.stack(rows))
+                self._put((batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), packer.cursor(),
+                           packer.cropped_tokens, packer.packed_tokens))
+        except BaseException as error:  # handed to the consumer, raised there
+            self._put(error)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # ------------------------------------------------------------------ consumer
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._started is None:
+            self._started = time.perf_counter()
+        waited = time.perf_counter()
+        item = self._queue.get()
+        self._wait_s += time.perf_counter() - waited
+        if item is _END:
+            self._queue.put(_END)   # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._queue.put(item)
+            raise item
+        inputs, targets, position, self._cropped, self._packed = item
+        self._cursor = self._full_cursor(position)
+        self._delivered_tokens += inputs.numel()
+        return inputs, targets
+
+    def close(self) -> None:
+        """Stop the producer thread (and with it the Ray Data pipeline)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
