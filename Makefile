@@ -26,6 +26,8 @@ test: install
 # Every stage that exists, on the tiny `demo` preset, on a local Ray (offline with RAYCHAT_DATA_DIR set).
 demo: install
 	$(VENV)/bin/raychat tokenizer train --preset demo
+	$(VENV)/bin/raychat train base --preset demo
+	$(VENV)/bin/raychat eval base --preset demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info tokenizer_rust/target
