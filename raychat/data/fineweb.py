@@ -238,7 +238,7 @@ def _fetch_into(session, url: str, part: Path, timeout_s: float) -> None:
             expected = response.headers.get("Content-Length")
             expected = offset + int(expected) if expected is not None else None
             with open(part, "ab" if resumed else "wb") as out:
-                for chunk in response.iter_content(chunk_size=1 << 20):
+                for chunk in response.iter_content(chunk_size=1 << 16):
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
