@@ -1,0 +1,346 @@
+"""The GPT model (nanochat architecture).
+
+Rotary position embeddings, QK-norm, parameter-free RMSNorm, ReLU^2 MLP (4x), no biases, untied token
+embedding and lm_head, logits soft-capped at 15. Attention goes through `scaled_dot_product_attention`,
+so a GPU gets the flash kernel during training (no mask, `is_causal=True`).
+
+The model is built on the meta device (no memory, no init work), moved with `to_empty(device=...)`, then
+`init_weights()` fills it:
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(depth=20, vocab_size=65536))
+    model.to_empty(device="cuda")
+    model.init_weights()
+
+Inference with a KV cache passes `kv_cache=` (see `KVCache`): each row of the batch may sit at its own
+position, which is what continuous batching in `raychat.engine` needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOGIT_SOFTCAP = 15.0
+ROTARY_BASE = 10000.0
+ROTARY_LENGTH_FACTOR = 10  # rotary tables cover 10x the training context, so generation can run past it
+
+
+@dataclass
+class GPTConfig:
+    """Model shape. Everything follows from the depth: width = 64 x depth, head dim 128."""
+    depth: int
+    vocab_size: int
+    sequence_len: int = 2048
+    n_kv_head: int | None = None  # grouped-query attention: fewer key/value heads; None = n_head
+
+    def __post_init__(self):
+        for name in ("depth", "vocab_size", "sequence_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not (1 <= self.n_kv_head <= self.n_head) or self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig.n_kv_head must divide n_head={self.n_head}, got {self.n_kv_head}")
+
+    @property
+    def n_layer(self) -> int:
+        return self.depth
+
+    @property
+    def n_embd(self) -> int:
+        return 64 * self.depth
+
+    @property
+    def head_dim(self) -> int:
+        return 128 if self.n_embd >= 128 else self.n_embd
+
+    @property
+    def n_head(self) -> int:
+        return max(1, self.n_embd // self.head_dim)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        return cls(**{k: d[k] for k in ("depth", "vocab_size", "sequence_len", "n_kv_head") if k in d})
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dimension. x: (B, T, H, D); cos/sin: (B|1, T, 1, D/2)."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+
+
+def autocast_context(device: str | torch.device):
+    """bf16 autocast on CUDA; plain fp32 elsewhere (bf16 matmuls are ~3x slower on AVX2 CPUs)."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Keys and values of every layer for up to `batch_size` rows of `max_seq_len` positions.
+
+    Each row has its own length (`lengths[row]`, a Python int so that no step waits on the device). A
+    forward pass with the cache processes the rows `[row_start, row_start + B)` (set with `select`), writes
+    its new keys/values at each row's own positions and attends over that row's valid positions only.
+    Rows that hold different prompts (different lengths) can therefore decode together in one pass.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (num_layers, batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = [0] * batch_size
+        self.row_start, self.row_stop = 0, batch_size
+        self._positions = None
+        self._attend = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.size(3)
+
+    def select(self, start: int, stop: int) -> "KVCache":
+        """The next forward pass works on rows [start, stop)."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows [{start}, {stop}) outside the cache's {self.batch_size} rows")
+        self.row_start, self.row_stop = start, stop
+        return self
+
+    def reset(self, row: int) -> None:
+        self.lengths[row] = 0
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row dst a copy of row src (shared prompt prefill, or compaction after a row is freed)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def resized(self, batch_size: int, max_seq_len: int) -> "KVCache":
+        """A larger cache holding this one's contents (caches start small and grow on demand)."""
+        layers, rows, heads, length, dim = self.k.shape
+        bigger = KVCache(layers, batch_size, heads, dim, max_seq_len, self.k.device, self.k.dtype)
+        keep_rows, keep_len = min(rows, batch_size), min(length, max_seq_len)
+        bigger.k[:, :keep_rows, :, :keep_len] = self.k[:, :keep_rows, :, :keep_len]
+        bigger.v[:, :keep_rows, :, :keep_len] = self.v[:, :keep_rows, :, :keep_len]
+        bigger.lengths[:keep_rows] = self.lengths[:keep_rows]
+        return bigger
+
+    # -- used by GPT.forward -------------------------------------------------------------------------
+    def begin(self, num_tokens: int) -> torch.Tensor:
+        """Start a forward pass of `num_tokens` new tokens per selected row; returns their positions (B, T)."""
+        starts = self.lengths[self.row_start:self.row_stop]
+        if max(starts) + num_tokens > self.max_seq_len:
+            raise ValueError(f"KV cache full: {max(starts)} + {num_tokens} tokens > max_seq_len {self.max_seq_len}")
+        device = self.k.device
+        offsets = torch.arange(num_tokens, device=device)
+        positions = torch.tensor(starts, device=device)[:, None] + offsets[None, :]
+        self._positions = positions
+        self._key_len = max(starts) + num_tokens
+        if all(s == 0 for s in starts):
+            self._attend = "causal"  # fresh prefill: plain causal attention (flash kernel on GPU)
+        elif num_tokens == 1 and all(s == starts[0] for s in starts):
+            self._attend = "all"     # decode step, rows in lockstep: every cached key is visible
+        else:
+            # row b's query at absolute position p sees keys 0..p of that row, nothing beyond
+            keys = torch.arange(self._key_len, device=device)
+            self._attend = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        return positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this layer's new k, v (B, T, H, D); return all keys/values (B, H, L, D) and the mask mode."""
+        rows = torch.arange(self.row_start, self.row_stop, device=k.device)[:, None].expand_as(self._positions)
+        self.k[layer][rows, :, self._positions] = k.to(self.k.dtype)
+        self.v[layer][rows, :, self._positions] = v.to(self.v.dtype)
+        keys = self.k[layer, self.row_start:self.row_stop, :, :self._key_len]
+        values = self.v[layer, self.row_start:self.row_stop, :, :self._key_len]
+        return keys, values, self._attend
+
+    def end(self, num_tokens: int) -> None:
+        for row in range(self.row_start, self.row_stop):
+            self.lengths[row] += num_tokens
+        self._positions = self._attend = None
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        gqa = self.n_kv_head != self.n_head
+        if kv_cache is None:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            keys, values, attend = kv_cache.update(self.layer_idx, k, v)
+            q = q.transpose(1, 2).to(keys.dtype)
+            if isinstance(attend, str):
+                y = F.scaled_dot_product_attention(q, keys, values, is_causal=attend == "causal", enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, -1).to(x.dtype)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # rotary tables are derived, not learned: not saved in checkpoints (persistent=False)
+        half = config.head_dim // 2
+        rotary_len = config.sequence_len * ROTARY_LENGTH_FACTOR
+        self.register_buffer("cos", torch.empty(rotary_len, half), persistent=False)
+        self.register_buffer("sin", torch.empty(rotary_len, half), persistent=False)
+
+    # -- initialisation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_rotary(self) -> None:
+        half = self.config.head_dim // 2
+        device = self.cos.device
+        inv_freq = 1.0 / ROTARY_BASE ** (torch.arange(half, dtype=torch.float32, device=device) / half)
+        t = torch.arange(self.cos.size(0), dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        self.cos.copy_(freqs.cos())
+        self.sin.copy_(freqs.sin())
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's init: N(0, 1) embedding; linear std 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in));
+        the lm_head and each block's output projections start at zero, so every block starts as identity."""
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.init_rotary()
+
+    # -- accounting ---------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> int:
+        """Training FLOPs per token: 6 x (parameters except the embedding lookup) + attention scores and
+        values over the full context (12 x layers x heads x head_dim x sequence_len)."""
+        c = self.config
+        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean", *, last_only: bool = False):
+        """idx (B, T) token ids. With targets: the cross-entropy loss (ignore_index=-1), a scalar for
+        "mean"/"sum" or per-token losses (B, T) for "none" (0 where ignored). Without: logits (B, T, V)
+        in fp32, or (B, 1, V) for the last position only with `last_only=True` (what sampling needs)."""
+        B, T = idx.shape
+        if kv_cache is None:
+            if T > self.cos.size(0):
+                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(0)})")
+            cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
+        else:
+            if B != kv_cache.row_stop - kv_cache.row_start:
+                raise ValueError(f"batch of {B} rows but the KV cache selects {kv_cache.row_stop - kv_cache.row_start}")
+            positions = kv_cache.begin(T)
+            if kv_cache._key_len > self.cos.size(0):
+                raise ValueError(f"position {kv_cache._key_len} exceeds the rotary table ({self.cos.size(0)})")
+            cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.end(T)
+        x = norm(x)
+        if last_only and targets is None:
+            x = x[:, -1:]
+        logits = self.lm_head(x).float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                 reduction=loss_reduction)
+        return losses.view(B, T) if loss_reduction == "none" else losses
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for this model (bf16 on CUDA, fp32 elsewhere unless dtype is given)."""
+        device = self.lm_head.weight.device
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else self.lm_head.weight.dtype
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_seq_len, device, dtype)
+
+
+def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: bool = True) -> GPT:
+    """Construct on the meta device, allocate on `device`, then initialise (or leave for a checkpoint)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    if init:
+        model.init_weights()
+    else:
+        model.init_rotary()
+    return model
