@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,9 +135,12 @@ def _verify_and_extract(part: Path, dest: Path, url: str, sha256: str) -> None:
             raise UserError(f"the eval bundle from {url} has sha256 {digest.hexdigest()}, expected {sha256}")
     try:
         with zipfile.ZipFile(part) as archive:
-            broken = archive.testzip()
+            try:
+                broken = archive.testzip()
+            except (zlib.error, EOFError, OSError) as error:  # a damaged deflate stream
+                broken = f"{error}"
             if broken is not None:
-                raise UserError(f"the eval bundle from {url} is corrupt (bad CRC in {broken})")
+                raise UserError(f"the eval bundle from {url} is corrupt ({broken})")
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
             try:
                 archive.extractall(tmp)
