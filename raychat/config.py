@@ -40,6 +40,7 @@ class TokenizerConfig:
     max_chars: int = opt(2_000_000_000, min=1, help="characters of training text read from the shards")
     doc_cap: int = opt(10_000, min=1, help="each document is cropped to this many characters")
     num_threads: int = opt(0, min=0, help="0 = all cores")
+    eval_hf_chars: int = opt(50_000_000, min=1, help="`tokenizer eval`: training text for the HF BPE baseline")
 
 
 @dataclass
