@@ -70,15 +70,19 @@ class DocumentPlan:
         return items
 
     def items_for(self, seqs) -> list[dict]:
-        """Read tasks for an arbitrary set of documents (the best-fit buffer of a cursor), one doc each."""
-        items = []
+        """Read tasks covering an arbitrary set of documents (a cursor's best-fit buffer): one per row-group
+        slice they fall in, spanning the first to the last of them, so each row group is read once."""
+        spans: dict[tuple[int, int], list[int]] = {}   # (epoch, unit) -> [first k, last k]
         for seq in sorted(seqs):
             epoch, k = divmod(seq, self.docs_per_epoch)
             u = bisect.bisect_right(self.unit_starts, k) - 1
+            spans.setdefault((epoch, u), [k, k])[1] = k
+        items = []
+        for (epoch, u), (first, last) in spans.items():
             index, group, start, _ = self.units[u]
-            row = start + k - self.unit_starts[u]
-            items.append({"path": self.paths[index], "row_group": group, "start": row, "stop": row + 1,
-                          "first_seq": seq})
+            row = start + first - self.unit_starts[u]
+            items.append({"path": self.paths[index], "row_group": group, "start": row,
+                          "stop": row + last - first + 1, "first_seq": epoch * self.docs_per_epoch + first})
         return items
 
 
@@ -292,6 +296,13 @@ class PretrainStream:
         """Refuse a cursor this stream cannot continue exactly; return the shard list it was made with."""
         if not isinstance(cursor, dict) or cursor.get("version") != CURSOR_VERSION:
             raise UserError(f"data cursor is not a version-{CURSOR_VERSION} raychat cursor: {str(cursor)[:80]}")
+        try:
+            next_seq, offset, buffer = int(cursor["next_seq"]), int(cursor["offset"]), list(cursor["buffer"])
+            valid = next_seq >= 0 and offset >= 0 and all(0 <= int(seq) < next_seq for seq in buffer)
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise UserError(f"data cursor is damaged (next_seq/offset/buffer): {str(cursor)[:80]}")
         if cursor["world_size"] != self.world_size or cursor["rank"] != self.rank:
             raise UserError(f"data cursor was saved by rank {cursor['rank']} of {cursor['world_size']} workers; "
                             f"this is rank {self.rank} of {self.world_size}: resuming with a different number "
@@ -336,12 +347,24 @@ class PretrainStream:
     def _restore(self, position: dict) -> _Packer:
         """A packer in the state the cursor describes: its buffered documents re-read and re-tokenized."""
         next_seq, offset, buffer = position["next_seq"], position["offset"], position["buffer"]
-        restored = list(_local_documents(self.plan.items_for(buffer), self.tokenizer_blob, self.bos,
-                                         self.tokenizer_batch_size)) if buffer else []
+        restored = []
+        if buffer:   # read the row groups they sit in, tokenize only the buffered documents
+            import pyarrow as pa
+            import pyarrow.compute as pc
+            texts = pa.concat_tables([read_documents(pa.Table.from_pylist([item]))
+                                      for item in self.plan.items_for(buffer)])
+            texts = texts.filter(pc.is_in(texts.column("seq"), value_set=pa.array(buffer, pa.int64())))
+            if texts.num_rows != len(set(buffer)):
+                raise UserError(f"data cursor lists {len(buffer)} buffered documents but only {texts.num_rows} "
+                                f"exist in the shards: the cursor does not belong to this data")
+            restored = list(_table_documents(tokenize_documents(texts, self.tokenizer_blob, self.bos)))
         documents = self._documents(next_seq)
         packer = _Packer(self.mode, self.seq_len + 1, self.buffer_docs, documents, next_seq, buffered=restored)
         if self.mode == "concat" and offset:
             seq, tokens = packer._pull()
+            if offset >= len(tokens):
+                raise UserError(f"data cursor offset {offset} is past the end of document {seq} "
+                                f"({len(tokens)} tokens): the cursor does not belong to this data/tokenizer")
             packer.head = [seq, tokens, offset]
         return packer
 
