@@ -146,6 +146,7 @@ class ServeConfig:
     host: str = opt("127.0.0.1")
     port: int = opt(8000, min=1, max=65535)
     source: str = opt("sft", choices=("base", "mid", "sft", "rl"))
+    step: int = opt(-1, min=-1, help="checkpoint step to serve; -1 = the latest")
     num_replicas: int = opt(1, min=1, max=1024)
     min_replicas: int = opt(1, min=0, max=1024)
     max_replicas: int = opt(1, min=1, max=1024)
@@ -153,11 +154,12 @@ class ServeConfig:
     use_gpu: bool = opt(True)
     cpus_per_replica: float = opt(1.0, min=0.0)
     max_batch_size: int = opt(32, min=1, max=1024, help="sequences decoded together per replica")
-    max_queued: int = opt(64, min=0, help="waiting requests beyond the batch; more get 429")
+    max_queued: int = opt(64, min=0, help="sequences waiting for a batch slot; more get 429 + Retry-After")
     max_messages: int = opt(64, min=1)
     max_chars_per_message: int = opt(8000, min=1)
     max_total_chars: int = opt(32000, min=1)
     default_max_tokens: int = opt(512, min=1, max=4096)
+    access_log: bool = opt(False, help="Serve's per-request access log (costs CPU per request)")
 
 
 @dataclass

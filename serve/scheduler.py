@@ -1,0 +1,239 @@
+"""Continuous batching in a replica: many requests decoded together, one forward pass per token.
+
+A background thread owns the engine's batch (`engine.new_batch`). Each loop it
+1. frees the slots of sequences whose client went away or that hit a stop string (`batch.remove`),
+2. admits waiting sequences into free slots (`batch.add` prefills the prompt),
+3. advances every active sequence by one token (`batch.step`, one forward pass for all of them),
+4. hands the new tokens to the waiting request handlers (asyncio queues, one per request).
+
+Requests beyond the batch wait in a bounded queue; beyond that `submit` refuses at once (the service
+answers 429 with Retry-After), so a burst never queues without bound. Only this thread touches the batch,
+so the engine needs no locks, and every sequence has its own slot, sampling settings and generator:
+nothing of one request can reach another.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from raychat.common import get_logger
+
+log = get_logger("raychat.serve")
+
+
+class Overloaded(Exception):
+    """The batch and the wait queue are full; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the service is at capacity; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)  # compared by identity
+class Sequence:
+    """One sampled answer (one choice of a request) and where its tokens go."""
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+    index: int                        # choice index within its request
+    queue: asyncio.Queue              # receives (index, token, finished, finish_reason, error) tuples
+    loop: asyncio.AbstractEventLoop
+    id: int = field(default_factory=itertools.count().__next__)
+    slot: int | None = None
+    done: bool = False                # finished, failed or cancelled: nothing more is sent
+
+
+class Scheduler:
+    def __init__(self, engine, max_batch_size: int, max_queued: int, max_seq_len: int | None = None):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.max_seq_len = max_seq_len
+        self.batch = engine.new_batch(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        self._waiting: deque[Sequence] = deque()
+        self._active: dict[int, Sequence] = {}      # slot -> sequence
+        self._cancelled: list[Sequence] = []
+        self._lock = threading.Condition()
+        self._stopping = False
+        # statistics (read by /stats)
+        self.started = time.time()
+        self.tokens_total = 0
+        self.sequences_total = 0
+        self.cancelled_total = 0
+        self.rejected_total = 0
+        self.peak_active = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step over the last 10 s
+        self._thread = threading.Thread(target=self._run, name="raychat-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------- request side
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue the sequences of one request, all or none; raise `Overloaded` when there is no room."""
+        with self._lock:
+            in_use = len(self._active) + len(self._waiting)
+            if in_use + len(sequences) > self.max_batch_size + self.max_queued:
+                self.rejected_total += 1
+                raise Overloaded(self._retry_after())
+            self._waiting.extend(sequences)
+            self._lock.notify()
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        """Stop generating for these sequences (client gone, or stop string reached); frees their slots
+        before the next step."""
+        with self._lock:
+            for seq in sequences:
+                if not seq.done:
+                    seq.done = True
+                    self._cancelled.append(seq)
+            self._lock.notify()
+
+    def stats(self) -> dict:
+        with self._lock:
+            now = time.time()
+            window = [(t, n) for t, n in self._recent if t > now - 10.0]
+            span = (now - window[0][0]) if window else 0.0
+            return {
+                "active_sequences": len(self._active),
+                "queued_sequences": len(self._waiting),
+                "max_batch_size": self.max_batch_size,
+                "max_queued": self.max_queued,
+                "peak_active_sequences": self.peak_active,
+                "tokens_per_s": round(sum(n for _, n in window) / span, 1) if span > 0.5 else 0.0,
+                "tokens_total": self.tokens_total,
+                "sequences_total": self.sequences_total,
+                "cancelled_total": self.cancelled_total,
+                "rejected_total": self.rejected_total,
+                "uptime_s": round(now - self.started, 1),
+            }
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot is likely free: queued work over the recent decode speed (1..60)."""
+        now = time.time()
+        span = min(10.0, now - self.started)
+        rate = sum(n for t, n in self._recent if t > now - 10.0) / max(span, 1.0)
+        if rate <= 0:
+            return 1
+        queued_tokens = sum(s.max_tokens for s in self._waiting)
+        return max(1, min(60, math.ceil(queued_tokens / rate)))
+
+    # ---------------------------------------------------------------------------- scheduler thread
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._active or self._cancelled):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                cancelled, self._cancelled = self._cancelled, []
+                admit = []
+                while self._waiting and len(self._active) + len(admit) < self.max_batch_size:
+                    admit.append(self._waiting.popleft())
+            try:
+                self._free(cancelled)
+                self._admit(admit)
+                if self._active:
+                    self._step()
+            except Exception as error:  # a bug in a step must not take the replica down: fail what was running
+                log.exception("scheduler step failed; failing the active requests")
+                self._fail_all(f"internal error while generating: {type(error).__name__}: {error}")
+
+    def _free(self, cancelled: list[Sequence]) -> None:
+        for seq in cancelled:
+            with self._lock:
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+                    self.cancelled_total += 1
+            # the identity check: a finished sequence's slot may already belong to another one
+            if seq.slot is not None and self._active.get(seq.slot) is seq:
+                self.batch.remove(seq.slot)
+                with self._lock:
+                    del self._active[seq.slot]
+                    self.cancelled_total += 1
+
+    def _admit(self, sequences: list[Sequence]) -> None:
+        for seq in sequences:
+            if seq.done:  # cancelled while waiting
+                continue
+            try:
+                seq.slot = self.batch.add(seq.prompt, max_tokens=seq.max_tokens, temperature=seq.temperature,
+                                          top_k=seq.top_k, top_p=seq.top_p, seed=seq.seed)
+            except ValueError as error:  # prompt too long for the context: the request's fault, not ours
+                self._send(seq, None, True, None, str(error))
+                continue
+            with self._lock:
+                self._active[seq.slot] = seq
+                self.sequences_total += 1
+                self.peak_active = max(self.peak_active, len(self._active))
+
+    def _step(self) -> None:
+        events = self.batch.step()
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+        produced = 0
+        for event in events:
+            seq = self._active.get(event.slot)
+            if seq is None:
+                continue
+            if event.token is not None:
+                produced += 1
+            if event.finished:
+                with self._lock:
+                    del self._active[event.slot]
+            if seq.done:
+                continue
+            if event.finished:
+                seq.done = True
+            deliveries.setdefault(seq.loop, []).append(
+                (seq.queue, (seq.index, event.token, event.finished, event.finish_reason, None)))
+        with self._lock:
+            self.tokens_total += produced
+            now = time.time()
+            self._recent.append((now, produced))
+            while self._recent and self._recent[0][0] < now - 10.0:
+                self._recent.popleft()
+        # one wake-up per event loop per step, not one per token
+        for loop, items in deliveries.items():
+            _call_soon(loop, _deliver, items)
+
+    def _send(self, seq: Sequence, token, finished, reason, error) -> None:
+        seq.done = True
+        _call_soon(seq.loop, _deliver, [(seq.queue, (seq.index, token, finished, reason, error))])
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            active = list(self._active.values())
+            self._active.clear()
+        for seq in active:
+            if not seq.done:
+                self._send(seq, None, True, None, message)
+        # start from a clean batch: the failed one may be half-updated
+        self.batch = self.engine.new_batch(max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len)
+
+
+def _deliver(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the request's event loop is closed: nobody is listening any more
+        pass
