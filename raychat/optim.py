@@ -1,0 +1,247 @@
+"""Optimizers: Muon for the hidden matrices, AdamW for the embedding and the lm_head, and the schedules.
+
+Muon (Keller Jordan) keeps a Nesterov momentum of each matrix's gradient and replaces the update by its
+nearest semi-orthogonal matrix (all singular values ~1), computed with 5 Newton-Schulz iterations of a
+quintic polynomial. Every direction of the matrix then learns at the same rate.
+
+Distributed use (the trainer runs DeepSpeed ZeRO for the AdamW parameters and this Muon beside it): when
+torch.distributed is initialised with world_size > 1, `Muon.step()` averages each gradient across ranks
+itself, each rank orthogonalises only the matrices it owns (round-robin within each shape), and the
+updates are all-gathered, so every rank applies the same update as a single process would, without
+repeating the Newton-Schulz work on every rank. A rank keeps momentum only for the matrices it owns;
+`consolidated_state_dict()` gathers all of it for a checkpoint, and `load_state_dict()` accepts it at any
+world size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+ADAMW_BETAS = (0.8, 0.95)
+ADAMW_EPS = 1e-10
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic: pushes singular values towards 1 fast
+
+
+def build_param_groups(model, embedding_lr: float = 0.2, unembedding_lr: float = 0.004, matrix_lr: float = 0.02,
+                       weight_decay: float = 0.0):
+    """Split the model's parameters: AdamW groups for the embedding and the lm_head (learning rates
+    scaled by (d_model / 768) ** -0.5, as tuned at width 768) and the list of matrices for Muon.
+    Each AdamW group carries its own lr, initial_lr, betas, eps and weight_decay. (`matrix_lr` is the Muon
+    lr; pass it to `Muon(muon_params, lr=matrix_lr)`.)"""
+    model = getattr(model, "module", model)        # DeepSpeed engine / DDP
+    model = getattr(model, "_orig_mod", model)     # torch.compile
+    scale = (model.config.n_embd / 768) ** -0.5
+    embedding = [model.transformer.wte.weight]
+    unembedding = [model.lm_head.weight]
+    matrices = list(model.transformer.h.parameters())
+    if len(embedding) + len(unembedding) + len(matrices) != len(list(model.parameters())):
+        raise ValueError("build_param_groups: the model has parameters outside wte, lm_head and the blocks")
+    if any(p.ndim != 2 for p in matrices):
+        raise ValueError("build_param_groups: Muon needs 2-D block parameters")
+    groups = []
+    for params, lr in ((unembedding, unembedding_lr), (embedding, embedding_lr)):
+        groups.append({"params": params, "lr": lr * scale, "initial_lr": lr * scale, "betas": ADAMW_BETAS,
+                       "eps": ADAMW_EPS, "weight_decay": weight_decay})
+    return groups, matrices
+
+
+def build_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0.004, matrix_lr: float = 0.02,
+                     weight_decay: float = 0.0):
+    """(AdamW, Muon) for single-process training (the bare trainer, tests, benchmarks)."""
+    groups, matrices = build_param_groups(model, embedding_lr, unembedding_lr, matrix_lr, weight_decay)
+    fused = model.lm_head.weight.device.type == "cuda"
+    adamw = torch.optim.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay, fused=fused)
+    return adamw, Muon(matrices, lr=matrix_lr)
+
+
+def set_lr_multiplier(optimizers, multiplier: float) -> None:
+    """lr = initial_lr x multiplier for every group of every optimizer."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+# ------------------------------------------------------------------------------------------- schedules
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
+                  final_lr_frac: float = 0.0) -> float:
+    """Linear warm-up over the first warmup_ratio of the steps, constant, then a linear warm-down over the
+    last warmdown_ratio to final_lr_frac (reached at step == num_iterations)."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = max(0.0, (num_iterations - step) / warmdown)
+    return progress + (1.0 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """Muon's momentum warms up from 0.85 to 0.95 over the first 300 steps."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+# ----------------------------------------------------------------------------------------------- Muon
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An approximately semi-orthogonal matrix close to G (U V^T of its SVD), by `steps` iterations of
+    X <- aX + (bA + cA^2)X with A = XX^T. The quintic coefficients trade exactness for speed: singular
+    values land roughly in [0.7, 1.2] rather than exactly at 1, which works as well for training."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype)
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:  # iterate on the wide side: XX^T is the smaller product
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if transposed else X
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D parameters only.
+
+    update = NS(nesterov_momentum(grad)) * sqrt(max(1, rows / cols)); p -= lr * update.
+    Newton-Schulz runs in bf16 on CUDA (as nanochat) and fp32 elsewhere; set `ns_dtype` to override.
+    See the module docstring for the distributed behaviour.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 ns_dtype: torch.dtype | None = None):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
+        self.ns_dtype = ns_dtype
+
+    def _assignments(self, group, world_size: int):
+        """[(chunk, offset)] for one group: params of one shape are dealt out world_size at a time, and the
+        k-th param of a chunk belongs to rank (offset + k) % world_size. The offset keeps rotating over
+        the whole group, so ranks own equal numbers of matrices even when a shape count is not a multiple
+        of the world size."""
+        by_shape: dict[tuple, list] = {}
+        for p in group["params"]:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        chunks, offset = [], 0
+        for params in by_shape.values():
+            for start in range(0, len(params), world_size):
+                chunk = params[start:start + world_size]
+                chunks.append((chunk, offset))
+                offset = (offset + len(chunk)) % world_size
+        return chunks
+
+    @staticmethod
+    def _owned_by(rank: int, chunk: list, offset: int, world_size: int):
+        k = (rank - offset) % world_size
+        return chunk[k] if k < len(chunk) else None
+
+    def _owned(self, world_size: int, rank: int) -> set[int]:
+        owned = set()
+        for group in self.param_groups:
+            for chunk, offset in self._assignments(group, world_size):
+                p = self._owned_by(rank, chunk, offset, world_size)
+                if p is not None:
+                    owned.add(id(p))
+        return owned
+
+    def _orthogonalised(self, p: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
+        """Advance p's momentum with grad; return the scaled update (to be multiplied by -lr)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1 - group["momentum"])
+        g = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        dtype = self.ns_dtype or (torch.bfloat16 if p.device.type == "cuda" else torch.float32)
+        update = newton_schulz(g, group["ns_steps"], dtype)
+        return (update * max(1.0, p.size(-2) / p.size(-1)) ** 0.5).to(p.dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world_size = _world()
+        if world_size > 1:
+            self._average_gradients(world_size)
+        for group in self.param_groups:
+            pending = []
+            for chunk, offset in self._assignments(group, world_size):
+                mine = self._owned_by(rank, chunk, offset, world_size)
+                if world_size == 1:
+                    if mine.grad is not None:
+                        mine.add_(self._orthogonalised(mine, mine.grad, group), alpha=-group["lr"])
+                    continue
+                # each rank orthogonalises its own matrix of the chunk; all_gather shares the updates
+                update = self._orthogonalised(mine, mine.grad, group) if mine is not None else torch.zeros_like(chunk[0])
+                update = update.contiguous()
+                received = [torch.empty_like(chunk[0]) for _ in range(world_size)]
+                pending.append((chunk, offset, update, received, dist.all_gather(received, update, async_op=True)))
+            for chunk, offset, _, received, work in pending:
+                work.wait()
+                for r, update in enumerate(received):
+                    p = self._owned_by(r, chunk, offset, world_size)
+                    if p is not None:
+                        p.add_(update, alpha=-group["lr"])
+        return loss
+
+    def _average_gradients(self, world_size: int) -> None:
+        """Mean of every gradient over the ranks (a missing gradient counts as zero, so that all ranks
+        always join the same collectives)."""
+        works = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                works.append((p.grad, dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True)))
+        for grad, work in works:
+            work.wait()
+            grad.div_(world_size)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def consolidated_state_dict(self) -> dict:
+        """The full optimizer state (every matrix's momentum) on every rank; a collective when distributed.
+        Equal to `state_dict()` in a single process."""
+        rank, world_size = _world()
+        if world_size == 1:
+            return self.state_dict()
+        for group in self.param_groups:
+            for chunk, offset in self._assignments(group, world_size):
+                for k, p in enumerate(chunk):
+                    owner = (offset + k) % world_size
+                    has_state = torch.tensor([1 if "momentum_buffer" in self.state[p] else 0], device=p.device)
+                    dist.all_reduce(has_state)  # only the owner can have it; every rank needs to know
+                    if has_state.item():
+                        if owner != rank:
+                            self.state[p]["momentum_buffer"] = torch.empty_like(p)
+                        dist.broadcast(self.state[p]["momentum_buffer"], src=owner)
+        full = self.state_dict()
+        self._drop_foreign_state(world_size, rank)
+        return full
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        rank, world_size = _world()
+        if world_size > 1:
+            self._drop_foreign_state(world_size, rank)
+
+    def _drop_foreign_state(self, world_size: int, rank: int) -> None:
+        owned = self._owned(world_size, rank)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in owned and p in self.state:
+                    del self.state[p]
