@@ -28,6 +28,7 @@ demo: install
 	$(VENV)/bin/raychat tokenizer train --preset demo
 	$(VENV)/bin/raychat train base --preset demo
 	$(VENV)/bin/raychat eval base --preset demo
+	$(VENV)/bin/raychat serve --preset demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info tokenizer_rust/target
