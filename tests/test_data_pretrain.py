@@ -3,6 +3,7 @@
 The streams read a small corpus cut from the offline shards (2 train shards of 5 row groups, a val shard),
 so that an epoch boundary is reached in a few dozen batches.
 """
+import gc
 import hashlib
 import json
 
@@ -133,6 +134,14 @@ def test_val_is_one_deterministic_pass(cfg, tokenizer):
                 next(stream)
     assert passes[0] == passes[1]
     assert len(passes[0]) == val_tokens // (B * (T + 1))   # one pass, the partial last batch dropped
+    # a pass abandoned half-way (eval reads a token budget) must not leave its producer thread running
+    stream = PretrainStream(cfg, tokenizer, "val", B, T, use_ray=False)
+    next(stream)
+    thread = stream._thread
+    del stream
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_cursor_mismatches_are_refused(cfg, tokenizer):

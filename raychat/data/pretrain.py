@@ -241,6 +241,90 @@ class _Packer:
 _END = object()
 
 
+class _Producer:
+    """Runs in the stream's background thread: documents -> packer -> batches, into a bounded queue.
+
+    It holds no reference to the PretrainStream, so a stream that is dropped unfinished (an abandoned
+    validation pass) is garbage-collected, which stops this thread and its Ray Data pipeline.
+    """
+
+    def __init__(self, plan: DocumentPlan, split: str, mode: str, batch_size: int, seq_len: int, buffer_docs: int,
+                 tokenizer_blob: bytes, bos: int, tokenizer_batch_size: int, prefetch: int, use_ray: bool):
+        self.plan, self.split, self.mode = plan, split, mode
+        self.batch_size, self.seq_len, self.buffer_docs = batch_size, seq_len, buffer_docs
+        self.tokenizer_blob, self.bos, self.tokenizer_batch_size = tokenizer_blob, bos, tokenizer_batch_size
+        self.prefetch, self.use_ray = prefetch, use_ray
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.stop = threading.Event()
+
+    def documents(self, start_seq: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Documents from `start_seq` on: one pipeline per epoch; train wraps forever, val stops."""
+        seq = start_seq
+        while True:
+            if self.split == "val" and seq >= self.plan.docs_per_epoch:
+                return
+            items = self.plan.work_items(seq)
+            if self.use_ray:
+                yield from _ray_documents(items, self.tokenizer_blob, self.bos, self.tokenizer_batch_size,
+                                          self.prefetch)
+            else:
+                yield from _local_documents(items, self.tokenizer_blob, self.bos, self.tokenizer_batch_size)
+            seq = (seq // self.plan.docs_per_epoch + 1) * self.plan.docs_per_epoch
+
+    def restore(self, position: dict) -> _Packer:
+        """A packer in the state the cursor describes: its buffered documents re-read and re-tokenized."""
+        next_seq, offset, buffer = position["next_seq"], position["offset"], position["buffer"]
+        restored = []
+        if buffer:   # read the row groups they sit in, tokenize only the buffered documents
+            import pyarrow as pa
+            import pyarrow.compute as pc
+            texts = pa.concat_tables([read_documents(pa.Table.from_pylist([item]))
+                                      for item in self.plan.items_for(buffer)])
+            texts = texts.filter(pc.is_in(texts.column("seq"), value_set=pa.array(buffer, pa.int64())))
+            if texts.num_rows != len(set(buffer)):
+                raise UserError(f"data cursor lists {len(buffer)} buffered documents but only {texts.num_rows} "
+                                f"exist in the shards: the cursor does not belong to this data")
+            restored = list(_table_documents(tokenize_documents(texts, self.tokenizer_blob, self.bos)))
+        documents = self.documents(next_seq)
+        packer = _Packer(self.mode, self.seq_len + 1, self.buffer_docs, documents, next_seq, buffered=restored)
+        if self.mode == "concat" and offset:
+            seq, tokens = packer._pull()
+            if offset >= len(tokens):
+                raise UserError(f"data cursor offset {offset} is past the end of document {seq} "
+                                f"({len(tokens)} tokens): the cursor does not belong to this data/tokenizer")
+            packer.head = [seq, tokens, offset]
+        return packer
+
+    def run(self, position: dict) -> None:
+        import torch
+        try:
+            packer = self.restore(position)
+            while not self.stop.is_set():
+                rows = []
+                for _ in range(self.batch_size):
+                    row = packer.row()
+                    if row is None:
+                        break
+                    rows.append(row)
+                if len(rows) < self.batch_size:   # only val ends; a partial last batch is dropped
+                    self.put(_END)
+                    return
+                batch = torch.from_numpy(np.stack(rows))
+                self.put((batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), packer.cursor(),
+                           packer.cropped_tokens, packer.packed_tokens))
+        except BaseException as error:  # handed to the consumer, raised there
+            self.put(error)
+
+    def put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+
+
 class PretrainStream:
     """Per-rank iterator of packed `(inputs, targets)` LongTensor batches of shape (batch_size, seq_len).
 
@@ -260,9 +344,6 @@ class PretrainStream:
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.rank, self.world_size, self.use_ray = rank, world_size, use_ray
         self.mode = cfg.data.packing
-        self.buffer_docs = cfg.data.buffer_docs
-        self.tokenizer_batch_size = cfg.data.tokenizer_batch_size
-        self.prefetch = cfg.data.prefetch_batches
 
         paths = shard_paths(cfg, split)
         if cursor is not None:
@@ -271,16 +352,15 @@ class PretrainStream:
         if self.plan.docs_per_epoch == 0:
             raise UserError(f"rank {rank} of {world_size} gets no {split} documents: the {split} shards have "
                             f"fewer documents per row group than there are ranks")
-        self.tokenizer_blob = pickle.dumps(tokenizer)
-        self.bos = tokenizer.get_bos_token_id()
-
+        producer = _Producer(self.plan, split, self.mode, batch_size, seq_len, cfg.data.buffer_docs,
+                             pickle.dumps(tokenizer), tokenizer.get_bos_token_id(), cfg.data.tokenizer_batch_size,
+                             cfg.data.prefetch_batches, use_ray)
         position = cursor or {"next_seq": 0, "offset": 0, "buffer": []}
         self._cursor = self._full_cursor(position)
         self._cropped, self._packed = 0, 0
         self._delivered_tokens, self._started, self._wait_s = 0, None, 0.0
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(position,), daemon=True,
+        self._queue, self._stop = producer.queue, producer.stop
+        self._thread = threading.Thread(target=producer.run, args=(position,), daemon=True,
                                         name=f"raychat-data-{split}-rank{rank}")
         self._thread.start()
 
@@ -327,74 +407,6 @@ class PretrainStream:
         return {"tokens_per_s": self._delivered_tokens / elapsed if elapsed > 0 else 0.0,
                 "cropped_fraction": self._cropped / total if total else 0.0,
                 "epoch": self._cursor["epoch"], "wait_s": self._wait_s}
-
-    # ---------------------------------------------------------------- producer thread
-
-    def _documents(self, start_seq: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Documents from `start_seq` on: one pipeline per epoch; train wraps forever, val stops."""
-        seq = start_seq
-        while True:
-            if self.split == "val" and seq >= self.plan.docs_per_epoch:
-                return
-            items = self.plan.work_items(seq)
-            if self.use_ray:
-                yield from _ray_documents(items, self.tokenizer_blob, self.bos, self.tokenizer_batch_size,
-                                          self.prefetch)
-            else:
-                yield from _local_documents(items, self.tokenizer_blob, self.bos, self.tokenizer_batch_size)
-            seq = (seq // self.plan.docs_per_epoch + 1) * self.plan.docs_per_epoch
-
-    def _restore(self, position: dict) -> _Packer:
-        """A packer in the state the cursor describes: its buffered documents re-read and re-tokenized."""
-        next_seq, offset, buffer = position["next_seq"], position["offset"], position["buffer"]
-        restored = []
-        if buffer:   # read the row groups they sit in, tokenize only the buffered documents
-            import pyarrow as pa
-            import pyarrow.compute as pc
-            texts = pa.concat_tables([read_documents(pa.Table.from_pylist([item]))
-                                      for item in self.plan.items_for(buffer)])
-            texts = texts.filter(pc.is_in(texts.column("seq"), value_set=pa.array(buffer, pa.int64())))
-            if texts.num_rows != len(set(buffer)):
-                raise UserError(f"data cursor lists {len(buffer)} buffered documents but only {texts.num_rows} "
-                                f"exist in the shards: the cursor does not belong to this data")
-            restored = list(_table_documents(tokenize_documents(texts, self.tokenizer_blob, self.bos)))
-        documents = self._documents(next_seq)
-        packer = _Packer(self.mode, self.seq_len + 1, self.buffer_docs, documents, next_seq, buffered=restored)
-        if self.mode == "concat" and offset:
-            seq, tokens = packer._pull()
-            if offset >= len(tokens):
-                raise UserError(f"data cursor offset {offset} is past the end of document {seq} "
-                                f"({len(tokens)} tokens): the cursor does not belong to this data/tokenizer")
-            packer.head = [seq, tokens, offset]
-        return packer
-
-    def _produce(self, position: dict) -> None:
-        import torch
-        try:
-            packer = self._restore(position)
-            while not self._stop.is_set():
-                rows = []
-                for _ in range(self.batch_size):
-                    row = packer.row()
-                    if row is None:
-                        break
-                    rows.append(row)
-                if len(rows) < self.batch_size:   # only val ends; a partial last batch is dropped
-                    self._put(_END)
-                    return
-                batch = torch.from_numpy(np.stack(rows))
-                self._put((batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), packer.cursor(),
-                           packer.cropped_tokens, packer.packed_tokens))
-        except BaseException as error:  # handed to the consumer, raised there
-            self._put(error)
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
 
     # ------------------------------------------------------------------ consumer
 
