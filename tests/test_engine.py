@@ -170,3 +170,82 @@ def test_top_k_one_equals_greedy(engine):
     greedy, _ = engine.generate_batch([20, 21, 22], max_tokens=10, temperature=0.0)
     sampled, _ = engine.generate_batch([20, 21, 22], max_tokens=10, temperature=0.7, top_k=1, seed=3)
     assert greedy == sampled
+
+
+# ------------------------------------------------------------------------- stop tokens and the calculator
+
+def _conversation(tokenizer, answer: str):
+    """A chat turn in which the assistant calls the calculator, gets `answer` back and ends its turn."""
+    special = tokenizer.encode_special
+    prompt = [tokenizer.get_bos_token_id(), special("<|user_start|>"), *tokenizer.encode("What is 12+30?"),
+              special("<|user_end|>"), special("<|assistant_start|>")]
+    reply = [special("<|python_start|>"), *tokenizer.encode("12+30"), special("<|python_end|>"),
+             special("<|output_start|>"), *tokenizer.encode(answer), special("<|output_end|>"),
+             *tokenizer.encode(" Done."), special("<|assistant_end|>")]
+    return prompt, reply
+
+
+@pytest.fixture(scope="module")
+def tool_model(tokenizer):
+    """A tiny model that has memorised one tool-using turn whose calculator output is WRONG (41)."""
+    from raychat.optim import build_optimizers
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=64))
+    prompt, reply = _conversation(tokenizer, "41")
+    seq = torch.tensor([prompt + reply])
+    adamw, muon = build_optimizers(model, unembedding_lr=0.05, matrix_lr=0.05)
+    for _ in range(80):
+        model(seq[:, :-1], seq[:, 1:]).backward()
+        adamw.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+    assert model(seq[:, :-1], seq[:, 1:]).item() < 0.05
+    return model.eval()
+
+
+def test_calculator_output_is_forced_with_mask_zero(tokenizer, tool_model):
+    engine = Engine(tool_model, tokenizer)
+    prompt, memorised = _conversation(tokenizer, "41")
+    _, expected = _conversation(tokenizer, "42")  # what the engine must produce: the real result, forced
+    results, masks = engine.generate_batch(prompt, max_tokens=40, temperature=0.0)
+    generated, mask = results[0][len(prompt):], masks[0][len(prompt):]
+    assert generated == expected[:-1]  # the model carries on after the forced output; terminal excluded
+    start = generated.index(tokenizer.encode_special("<|output_start|>"))
+    end = generated.index(tokenizer.encode_special("<|output_end|>"))
+    assert tokenizer.decode(generated[start + 1:end]) == "42"
+    assert mask == [1] * start + [0] * (end - start + 1) + [1] * (len(generated) - end - 1)
+    # the Batch API reports the same: forced events, then a stop without a token
+    batch = engine.new_batch(max_batch_size=1)
+    batch.add(prompt, temperature=0.0)
+    events = []
+    while batch.num_active:
+        events += batch.step()
+    assert [e.token for e in events[:-1]] == generated
+    assert [e.forced for e in events[:-1]] == [m == 0 for m in mask]
+    last = events[-1]
+    assert (last.token, last.finished, last.finish_reason) == (None, True, "stop")
+    assert last.stop_token == tokenizer.encode_special("<|assistant_end|>")
+    # streaming: the terminal token appears in its column, with mask 1
+    columns = list(engine.generate(prompt, max_tokens=40, temperature=0.0))
+    assert [c[0][0] for c in columns] == expected and [c[1][0] for c in columns] == mask + [1]
+
+
+def test_tool_state_machine(tokenizer):
+    special = tokenizer.encode_special
+    tool = ToolUse(tokenizer)
+    feed = lambda tokens: [t for token in tokens for t in tool.observe(token)]
+    forced = feed([special("<|python_start|>"), *tokenizer.encode("6*7"), special("<|python_end|>")])
+    assert forced == [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
+    assert feed([special("<|python_start|>"), *tokenizer.encode("'strawberry'.count('r')"),
+                 special("<|python_end|>")])[1:-1] == tokenizer.encode("3")
+    # refused or malformed: nothing is forced
+    assert feed([special("<|python_start|>"), *tokenizer.encode("__import__('os')"), special("<|python_end|>")]) == []
+    assert feed([special("<|python_start|>"), special("<|python_end|>")]) == []
+    assert feed([special("<|python_end|>"), *tokenizer.encode("1+1")]) == []
+    assert feed([special("<|python_start|>"), *tokenizer.encode("1+" * 300 + "1"), special("<|python_end|>")]) == []
+
+
+def test_base_model_stops_at_bos(tokenizer, tool_model):
+    engine = Engine(tool_model, tokenizer)
+    assert engine.stop_tokens == {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
+    assert Engine(tool_model).stop_tokens == set()
