@@ -49,8 +49,9 @@ class EvalWorker:
 
     def bpb(self, cfg, max_tokens: int, batch_size: int, seq_len: int) -> dict:
         from raychat.data.pretrain import PretrainStream
-        stream = PretrainStream(cfg, self.tokenizer, "val", batch_size=batch_size, seq_len=seq_len, use_ray=False)
-        with autocast_for(self.device):
+        # use_ray=False: read the one validation shard in this actor, not through a nested Ray Data pipeline
+        with PretrainStream(cfg, self.tokenizer, "val", batch_size=batch_size, seq_len=seq_len,
+                            use_ray=False) as stream, autocast_for(self.device):
             return bpb_totals(self.model, limit_tokens(stream, max_tokens), self.tokenizer.token_bytes)
 
 
@@ -155,7 +156,7 @@ def main(cfg, args) -> int:
     if cfg.eval.core_max_per_task == 0:
         raise UserError("eval.core_max_per_task must be -1 (all) or >= 1, got 0")
     started = time.time()
-    model, tokenizer, meta = load_stage_model(args.source, cfg.run.name, args.step)
+    model, tokenizer, meta = load_stage_model(args.source, cfg.run.name, args.step, storage_path=cfg.run.storage_path)
     bundle = locate_bundle(cfg)
     seq_len = min(cfg.pretrain.sequence_len, model_max_seq_len(model) or cfg.pretrain.sequence_len)
     log.info(f"evaluating {args.source}/{cfg.run.name} step {meta.get('step')} on {cfg.eval.num_actors} actors")
