@@ -6,6 +6,10 @@ so that an epoch boundary is reached in a few dozen batches.
 import gc
 import hashlib
 import json
+import os
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -183,3 +187,19 @@ def test_ray_data_stream_equals_plain_iterator(cfg, tokenizer, ray_cluster, pack
     with PretrainStream(cfg, tokenizer, "train", B, T, rank=1, world_size=2, cursor=cursors[k],
                         use_ray=True) as resumed:
         assert run(resumed, 6) == (reference[k + 1:k + 7], cursors[k + 1:k + 7])
+
+
+def test_process_exits_cleanly_with_a_stream_still_producing(cfg, tokenizer, small_corpus, tmp_path):
+    """A trainer never closes its train stream; the producer thread must not abort the interpreter at exit."""
+    (tmp_path / "tok.pkl").write_bytes(pickle.dumps(tokenizer))
+    script = (
+        "import pickle, sys\n"
+        "from raychat.config import load_config\n"
+        "from raychat.data.pretrain import PretrainStream\n"
+        f"tok = pickle.load(open({str(tmp_path / 'tok.pkl')!r}, 'rb'))\n"
+        "cfg = load_config('demo', ['data.packing=concat', 'data.prefetch_batches=64'])\n"
+        "stream = PretrainStream(cfg, tok, 'train', 4, 48, use_ray=False)\n"
+        "next(stream)\n")
+    env = {**os.environ, "RAYCHAT_DATA_DIR": str(small_corpus)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr

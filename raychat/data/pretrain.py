@@ -22,12 +22,14 @@ stream yields the rows the uninterrupted one would have: nothing replayed, nothi
 """
 from __future__ import annotations
 
+import atexit
 import bisect
 import hashlib
 import pickle
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -239,6 +241,19 @@ class _Packer:
 # ------------------------------------------------------------------------------------------ stream
 
 _END = object()
+_PRODUCERS: "weakref.WeakSet[_Producer]" = weakref.WeakSet()   # alive while their thread runs
+
+
+@atexit.register
+def _stop_producers() -> None:
+    """Stop producer threads before the interpreter exits: a daemon thread frozen inside the tokenizer's
+    native code at shutdown aborts the process ("terminate called without an active exception")."""
+    producers = list(_PRODUCERS)
+    for producer in producers:
+        producer.stop.set()
+    for producer in producers:
+        if producer.thread is not None:
+            producer.thread.join(timeout=10)
 
 
 class _Producer:
@@ -256,6 +271,7 @@ class _Producer:
         self.prefetch, self.use_ray = prefetch, use_ray
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def documents(self, start_seq: int) -> Iterator[tuple[int, np.ndarray]]:
         """Documents from `start_seq` on: one pipeline per epoch; train wraps forever, val stops."""
@@ -362,6 +378,8 @@ class PretrainStream:
         self._queue, self._stop = producer.queue, producer.stop
         self._thread = threading.Thread(target=producer.run, args=(position,), daemon=True,
                                         name=f"raychat-data-{split}-rank{rank}")
+        producer.thread = self._thread
+        _PRODUCERS.add(producer)
         self._thread.start()
 
     # ------------------------------------------------------------------ cursor
