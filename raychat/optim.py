@@ -160,9 +160,10 @@ class Muon(torch.optim.Optimizer):
     def _orthogonalised(self, p: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
         """Advance p's momentum with grad; return the scaled update (to be multiplied by -lr)."""
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grad)
+        if "momentum_buffer" not in state:  # fp32 even for bf16 weights: small gradients must not vanish
+            state["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
         buf = state["momentum_buffer"]
+        grad = grad.float()
         buf.lerp_(grad, 1 - group["momentum"])
         g = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
         dtype = self.ns_dtype or (torch.bfloat16 if p.device.type == "cuda" else torch.float32)
@@ -227,7 +228,7 @@ class Muon(torch.optim.Optimizer):
                     dist.all_reduce(has_state)  # only the owner can have it; every rank needs to know
                     if has_state.item():
                         if owner != rank:
-                            self.state[p]["momentum_buffer"] = torch.empty_like(p)
+                            self.state[p]["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32)
                         dist.broadcast(self.state[p]["momentum_buffer"], src=owner)
         full = self.state_dict()
         self._drop_foreign_state(world_size, rank)

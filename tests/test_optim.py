@@ -173,3 +173,14 @@ def test_distributed_muon_equals_single_process(tmp_path):
         for key, value in reference_state.items():
             got = rank["state"]["state"][key]["momentum_buffer"]
             assert torch.allclose(got, value["momentum_buffer"], rtol=1e-5, atol=1e-7)
+
+
+def test_muon_keeps_fp32_momentum_for_bf16_weights():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 16, dtype=torch.bfloat16))
+    opt = Muon([p])
+    p.grad = torch.randn(32, 16, dtype=torch.bfloat16)
+    before = p.detach().clone()
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].dtype == torch.float32
+    assert p.dtype == torch.bfloat16 and not torch.equal(p, before)
