@@ -22,8 +22,8 @@ import torch
 
 from raychat.common import UserError, get_logger, init_ray, report_dir
 from raychat.eval.bpb import bpb_totals, limit_tokens
-from raychat.eval.core import (autocast_for, locate_bundle, model_max_seq_len, prepare_all, score_item,
-                               summarize, task_result)
+from raychat.eval.core import locate_bundle, model_max_seq_len, prepare_all, score_item, summarize, task_result
+from raychat.model import autocast_context
 
 log = get_logger()
 
@@ -43,7 +43,7 @@ class EvalWorker:
         self.max_len = model_max_seq_len(self.model)
 
     def score(self, chunk_id, items: list[dict]) -> tuple:
-        with autocast_for(self.device):
+        with autocast_context(self.device):
             return chunk_id, [score_item(self.model, self.tokenizer, item, self.device, self.max_len)
                               for item in items]
 
@@ -51,7 +51,7 @@ class EvalWorker:
         from raychat.data.pretrain import PretrainStream
         # use_ray=False: read the one validation shard in this actor, not through a nested Ray Data pipeline
         with PretrainStream(cfg, self.tokenizer, "val", batch_size=batch_size, seq_len=seq_len,
-                            use_ray=False) as stream, autocast_for(self.device):
+                            use_ray=False) as stream, autocast_context(self.device):
             return bpb_totals(self.model, limit_tokens(stream, max_tokens), self.tokenizer.token_bytes)
 
 

@@ -29,7 +29,6 @@ import tempfile
 import time
 import zipfile
 import zlib
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from raychat.common import UserError, get_base_dir, get_data_dir, get_logger
+from raychat.model import autocast_context
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 DEFAULT_DELIMITER = " "   # tasks without continuation_delimiter in core.yaml (as in nanochat)
@@ -399,13 +399,6 @@ def prepare_all(bundle: Path, max_per_task: int) -> tuple[list[tuple[CoreTask, l
     return [(task, prepare_task_items(task, load_task_rows(path), max_per_task)) for task, path in present], missing
 
 
-def autocast_for(device) -> object:
-    """bf16 autocast on CUDA (as in training); plain fp32 elsewhere."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def model_max_seq_len(model) -> int | None:
     return getattr(getattr(model, "config", None), "sequence_len", None)
 
@@ -421,7 +414,7 @@ def evaluate_core(model, tokenizer, cfg, max_per_task: int = -1, device=None, bu
     model.eval()
     results = {}
     try:
-        with autocast_for(device):
+        with autocast_context(device):
             for task, items in prepared:
                 correct = [score_item(model, tokenizer, item, device, max_len) for item in items]
                 results[task.label] = task_result(task, correct)
