@@ -90,6 +90,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     X <- aX + (bA + cA^2)X with A = XX^T. The quintic coefficients trade exactness for speed: singular
     values land roughly in [0.7, 1.2] rather than exactly at 1, which works as well for training."""
     a, b, c = NS_COEFFICIENTS
+    if G.ndim != 2:
+        raise ValueError(f"newton_schulz takes a matrix, got shape {tuple(G.shape)}")
     X = G.to(dtype)
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide side: XX^T is the smaller product
@@ -97,8 +99,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        B = torch.addmm(A, A, A, beta=b, alpha=c)       # bA + cA^2, fused
+        X = torch.addmm(X, B, X, beta=a)                # aX + BX, fused
     return X.mT if transposed else X
 
 
