@@ -1,0 +1,139 @@
+"""The pretraining stage on a real local Ray with 2 DeepSpeed workers (gloo, fp32, CPU).
+
+One uninterrupted run and one run whose last worker is SIGKILLed mid-run prove, together:
+optimizer parity with the single-process reference, lower validation bpb, and exact automatic resume.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raychat.common import UserError
+from raychat.config import load_config
+from raychat.train.loop import plan_horizon
+
+STEPS, SAVE_EVERY, KILL_AT = 12, 3, 7
+OVERRIDES = [
+    "pretrain.depth=2", "pretrain.sequence_len=64", "pretrain.max_seq_len=64", "pretrain.device_batch_size=4",
+    "pretrain.total_batch_size=512", f"pretrain.num_iterations={STEPS}", f"pretrain.save_every={SAVE_EVERY}",
+    f"pretrain.eval_every={STEPS}", "pretrain.eval_tokens=2048", "pretrain.log_every=3", "pretrain.max_failures=2",
+    "pretrain.warmdown_ratio=0.5",
+]
+
+
+def test_horizon_from_batch_and_ratio():
+    cfg = load_config("d20")
+    h = plan_horizon(cfg.pretrain, 8, num_params=560_988_160, ratio=20)
+    assert h.grad_accum_steps == 524_288 // (32 * 2048 * 8) == 1
+    assert h.num_iterations == round(20 * 560_988_160 / 524_288) == 21400
+    assert plan_horizon(cfg.pretrain, 4, 560_988_160, 20).grad_accum_steps == 2
+    cfg = load_config("d20", ["pretrain.total_batch_size=500000"])
+    with pytest.raises(UserError, match="total_batch_size .* must be a multiple of device_batch_size x sequence_len"):
+        plan_horizon(cfg.pretrain, 8, 560_988_160, 20)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    patch = pytest.MonkeyPatch()
+    yield patch
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tokenizer, tmp_path_factory, monkeypatch_module):
+    """Run the stage twice through Ray Train: uninterrupted, and with rank 1 killed at step 7."""
+    from raychat.train.ray_trainer import fit
+    base = tmp_path_factory.mktemp("train_base")
+    monkeypatch_module.setenv("RAYCHAT_BASE_DIR", str(base))
+    tokenizer.save(base / "tokenizer")
+    out = {}
+    for name, extra in (("clean", []), ("killed", [f"run.kill_worker_at_step={KILL_AT}"])):
+        cfg = load_config("demo", OVERRIDES + [f"run.name={name}"] + extra)
+        result = fit(cfg, stage="base")
+        assert result.error is None
+        out[name] = (cfg, base / "checkpoints" / "base" / name, result)
+    return out
+
+
+def test_run_reports_final_metrics_and_checkpoint(runs):
+    cfg, root, result = runs["clean"]
+    assert result.metrics["step"] == STEPS
+    assert result.checkpoint is not None and result.checkpoint.path.endswith(f"step_{STEPS:06d}")
+    steps = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
+    assert steps == [f"step_{s:06d}" for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)]
+    meta = json.loads((root / f"step_{STEPS:06d}" / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["world_size"] == 2 and meta["config"]["run"]["name"] == "clean"
+
+
+def test_validation_bpb_goes_down(runs, tokenizer):
+    from raychat.data.pretrain import PretrainStream
+    from raychat.eval.bpb import evaluate_bpb, limit_tokens
+    from raychat.model import GPTConfig, build_model
+    cfg, root, result = runs["clean"]
+    torch.manual_seed(cfg.run.seed)
+    initial = build_model(GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=64))
+    trained = build_model(GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=64), init=False)
+    trained.load_state_dict(load_file(str(root / f"step_{STEPS:06d}" / "model.safetensors")))
+    val = list(limit_tokens(PretrainStream(cfg, tokenizer, "val", 4, 64, use_ray=False), 2048))
+    before, after = (evaluate_bpb(m, val, tokenizer.token_bytes) for m in (initial, trained))
+    assert after < before - 0.1, (before, after)
+    assert result.metrics["val_bpb"] < before
+
+
+def test_deepspeed_matches_single_process_reference(runs, tokenizer):
+    """3 steps on 2 DeepSpeed workers == 3 steps of the same optimizer in one process on both ranks' rows."""
+    from raychat.data.pretrain import PretrainStream
+    from raychat.model import GPTConfig, build_model
+    from raychat.train.backend import TorchBackend
+    from raychat.train.step import Schedule, train_step
+    cfg, root, _ = runs["clean"]
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=64))
+    streams = [iter(PretrainStream(cfg, tokenizer, "train", 4, 64, rank=r, world_size=2, use_ray=False)) for r in (0, 1)]
+
+    def both_ranks():
+        while True:
+            (x0, y0), (x1, y1) = next(streams[0]), next(streams[1])
+            yield torch.cat([x0, x1]), torch.cat([y0, y1])
+
+    reference_cfg = load_config("demo", OVERRIDES + ["pretrain.device_batch_size=8"])
+    backend = TorchBackend(model, reference_cfg.pretrain, "cpu", "fp32")
+    schedule = Schedule(STEPS, 0.0, 0.5, 0.0)
+    batches = both_ranks()
+    for step in range(SAVE_EVERY):
+        train_step(backend, batches, step, schedule, grad_accum_steps=1)
+    distributed = load_file(str(root / f"step_{SAVE_EVERY:06d}" / "model.safetensors"))
+    for name, ref in model.state_dict().items():
+        rel = (distributed[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+        assert rel <= 1e-5, f"{name}: relative difference {rel:.2e}"
+
+
+def test_killed_worker_restarts_and_ends_exactly_like_the_clean_run(runs):
+    _, clean, _ = runs["clean"]
+    _, killed, result = runs["killed"]
+    assert (killed / ".fault_injected").read_text() == str(KILL_AT)   # the worker really was killed
+    assert result.metrics["step"] == STEPS
+    final = f"step_{STEPS:06d}"
+    a, b = load_file(str(clean / final / "model.safetensors")), load_file(str(killed / final / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for rank in (0, 1):
+        ca = torch.load(clean / final / f"trainer_rank{rank:03d}.pt", weights_only=False)["cursor"]
+        cb = torch.load(killed / final / f"trainer_rank{rank:03d}.pt", weights_only=False)["cursor"]
+        assert ca == cb
+
+
+def test_truncated_checkpoint_is_skipped_for_the_previous_one(runs, tmp_path):
+    from raychat.train.checkpointing import latest_training_checkpoint
+    _, clean, _ = runs["clean"]
+    copy = tmp_path / "run"
+    shutil.copytree(clean, copy)
+    weights = copy / f"step_{STEPS:06d}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert latest_training_checkpoint(copy) == copy / f"step_{STEPS - SAVE_EVERY:06d}"
+    # a directory still being written (no meta.json yet) is never picked
+    (copy / f".step_{STEPS + 3:06d}.tmp").mkdir()
+    assert latest_training_checkpoint(copy) == copy / f"step_{STEPS - SAVE_EVERY:06d}"
