@@ -1,7 +1,8 @@
 """The calculator tool the model may call between <|python_start|> and <|python_end|>.
 
 It accepts two forms and nothing else:
-  * arithmetic on number literals: + - * / ( ) and unary +/-, e.g. `(12.5 + 3) * 4 / 2`  (no `**`);
+  * arithmetic on number literals: + - * / ( ) and unary +/-, e.g. `(12.5 + 3) * 4 / 2`  (no `**`;
+    thousands separators such as `1,250` are accepted);
   * counting a letter in a string literal: `'strawberry'.count('r')`.
 
 The text is parsed with `ast` and walked by a tiny interpreter that knows only those nodes, so nothing the
@@ -71,8 +72,10 @@ def calculate(expression: str) -> str | None:
         if not expression:
             return None
         is_count = ".count(" in expression
-        if not is_count and not set(expression) <= _ARITHMETIC_CHARS:
-            return None
+        if not is_count:
+            expression = expression.replace(",", "")  # "1,250 * 3": thousands separators, as GSM8K writes them
+            if not set(expression) <= _ARITHMETIC_CHARS:
+                return None
         if "**" in expression or "//" in expression:
             return None
         tree = ast.parse(expression, mode="eval")

@@ -10,6 +10,7 @@ from raychat.calculator import calculate
     ("1+2", "3"), ("12 * 30", "360"), ("48/2", "24"), ("10/4", "2.5"), ("(3 + 4) * (2 - 5)", "-21"),
     ("-7 + +2", "-5"), ("1/3", "0.3333333333"), ("0.1 + 0.2", "0.3"), (" 2.50*4 ", "10"),
     ("'strawberry'.count('r')", "3"), ('"banana".count("an")', "2"), ("999999*999999", "999998000001"),
+    ("1,250 * 3", "3750"),
 ])
 def test_valid_expressions(expression, expected):
     assert calculate(expression) == expected
