@@ -65,7 +65,7 @@ def serve_main(cfg, args) -> int:
 def _check_checkpoint(cfg, source: str) -> int | None:
     """Fail here, with one line, rather than in a replica that Serve would keep restarting."""
     from raychat.checkpoint import latest_checkpoint, verify_checkpoint
-    directory = checkpoint_dir(source, cfg.run.name)
+    directory = checkpoint_dir(source, cfg.run.name, cfg.run.storage_path)
     if cfg.serve.step >= 0:
         verify_checkpoint(directory / f"step_{cfg.serve.step:06d}")
         step = cfg.serve.step
@@ -138,7 +138,8 @@ class _LocalChat:
         from raychat.common import detect_device
         from raychat.engine import Engine
         step = cfg.serve.step if cfg.serve.step >= 0 else None
-        model, self.tokenizer, meta = load_stage_model(source, cfg.run.name, step, device=detect_device())
+        model, self.tokenizer, meta = load_stage_model(source, cfg.run.name, step, device=detect_device(),
+                                                       storage_path=cfg.run.storage_path)
         model.eval()
         self.engine = Engine(model, self.tokenizer)
         self.context_len = model.config.sequence_len

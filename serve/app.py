@@ -10,8 +10,8 @@ Each replica loads one checkpoint and decodes every request it holds in one batc
 Start it with `raychat serve --preset demo`, `serve run serve.app:build_app preset=demo`, or
 `serve deploy serve/config.yaml` on a cluster.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation, and the
+# class is shipped to the replica by value, where a string annotation can no longer be resolved.
 import asyncio
 import os
 import secrets
@@ -37,6 +37,62 @@ APP_NAME = "raychat"
 app = FastAPI(title="raychat", docs_url=None, redoc_url=None)
 
 
+# Helpers are defined before the deployment class: Serve ships the class to the replica by value (the
+# module name `ChatService` is the Deployment, not the class), and module names defined after the class
+# were missing there (NameError in the replica).
+
+async def _decode(tokenizer, sequences: list[Sequence], queue: asyncio.Queue, params: SamplingParams,
+                  scheduler: Scheduler):
+    """Tokens of one request's sequences -> ({choice: new text}, {choice: finish_reason}, error, tokens so far).
+
+    Takes everything that arrived since the last wake-up at once, so a client that falls behind gets
+    fewer, larger chunks instead of a growing backlog. On exit (done, error, or the consumer closed it
+    because the client disconnected) the sequences still running are cancelled, freeing their slots.
+    """
+    streams = [TextStream(tokenizer, params.stop) for _ in sequences]
+    live = set(range(len(sequences)))
+    tokens = 0
+    try:
+        while live:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            deltas: dict[int, str] = {}
+            finished: dict[int, str] = {}
+            for index, token, done, reason, error in items:
+                if index not in live:
+                    continue
+                if error:
+                    yield {}, {}, error, tokens
+                    return
+                text = ""
+                if token is not None:
+                    tokens += 1
+                    text = streams[index].push(token)
+                if streams[index].stopped:  # a stop string: the answer ends here
+                    done, reason = True, "stop"
+                    scheduler.cancel([sequences[index]])
+                if done:
+                    text += streams[index].finish()
+                    finished[index] = reason or "stop"
+                    live.discard(index)
+                if text:
+                    deltas[index] = deltas.get(index, "") + text
+            yield deltas, finished, None, tokens
+    finally:
+        scheduler.cancel([s for i, s in enumerate(sequences) if i in live])
+
+
+def _running_replicas() -> int | None:
+    """How many replicas of the chat deployment are running (asks the Serve controller)."""
+    try:
+        status = serve.status().applications[serve.get_replica_context().app_name].deployments[DEPLOYMENT]
+        return int(status.replica_states.get("RUNNING", 0))
+    except Exception:  # the controller is busy or restarting: /stats still answers
+        return None
+
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(app)
 class ChatService:
@@ -49,7 +105,8 @@ class ChatService:
         cfg = Config.from_dict(config)
         self.cfg = cfg.serve
         device = "cuda" if cfg.serve.use_gpu and torch.cuda.is_available() else "cpu"
-        model, self.tokenizer, meta = load_stage_model(source, run, step, device=device)
+        model, self.tokenizer, meta = load_stage_model(source, run, step, device=device,
+                                                    storage_path=cfg.run.storage_path)
         model.eval()
         self.context_len = model.config.sequence_len
         self.scheduler = Scheduler(Engine(model, self.tokenizer), max_batch_size=cfg.serve.max_batch_size,
@@ -177,57 +234,6 @@ class ChatService:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         })
-
-
-async def _decode(tokenizer, sequences: list[Sequence], queue: asyncio.Queue, params: SamplingParams,
-                  scheduler: Scheduler):
-    """Tokens of one request's sequences -> ({choice: new text}, {choice: finish_reason}, error, tokens so far).
-
-    Takes everything that arrived since the last wake-up at once, so a client that falls behind gets
-    fewer, larger chunks instead of a growing backlog. On exit (done, error, or the consumer closed it
-    because the client disconnected) the sequences still running are cancelled, freeing their slots.
-    """
-    streams = [TextStream(tokenizer, params.stop) for _ in sequences]
-    live = set(range(len(sequences)))
-    tokens = 0
-    try:
-        while live:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            deltas: dict[int, str] = {}
-            finished: dict[int, str] = {}
-            for index, token, done, reason, error in items:
-                if index not in live:
-                    continue
-                if error:
-                    yield {}, {}, error, tokens
-                    return
-                text = ""
-                if token is not None:
-                    tokens += 1
-                    text = streams[index].push(token)
-                if streams[index].stopped:  # a stop string: the answer ends here
-                    done, reason = True, "stop"
-                    scheduler.cancel([sequences[index]])
-                if done:
-                    text += streams[index].finish()
-                    finished[index] = reason or "stop"
-                    live.discard(index)
-                if text:
-                    deltas[index] = deltas.get(index, "") + text
-            yield deltas, finished, None, tokens
-    finally:
-        scheduler.cancel([s for i, s in enumerate(sequences) if i in live])
-
-
-def _running_replicas() -> int | None:
-    """How many replicas of the chat deployment are running (asks the Serve controller)."""
-    try:
-        status = serve.status().applications[serve.get_replica_context().app_name].deployments[DEPLOYMENT]
-        return int(status.replica_states.get("RUNNING", 0))
-    except Exception:  # the controller is busy or restarting: /stats still answers
-        return None
 
 
 # ----------------------------------------------------------------------------------------- building
