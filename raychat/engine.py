@@ -149,7 +149,7 @@ class Batch:
         model = engine.model
         limit = model.cos.size(0)
         max_seq_len = model.config.sequence_len if max_seq_len is None else max_seq_len
-        if not 1 <= max_batch_size:
+        if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 2 <= max_seq_len <= limit:
             raise ValueError(f"max_seq_len must be in [2, {limit}], got {max_seq_len}")
@@ -331,8 +331,8 @@ class Engine:
         return min(prompt_len + max_tokens, limit)
 
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+                 temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+                 top_p: float | None = None) -> Iterator[tuple[list[int], list[int]]]:
         """Stream `num_samples` continuations of one prompt (prefilled once). Yields per step a token column
         and a mask column, one entry per sample (mask 1 = sampled, 0 = forced by the tool). A sample's
         terminal token appears in its column once; afterwards that row repeats it with mask 0 until all
@@ -359,8 +359,8 @@ class Engine:
         return self.generate_many([tokens], num_samples=num_samples, **kwargs)
 
     def generate_many(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int | None = None,
-                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                      seed: int = 42, max_batch_size: int = 32) -> tuple[list[list[int]], list[list[int]]]:
+                      temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+                      top_p: float | None = None, max_batch_size: int = 32) -> tuple[list[list[int]], list[list[int]]]:
         """Continuations of many prompts of different lengths, decoded together (continuous batching: a
         prompt joins as soon as `num_samples` slots are free). Returns len(prompts) * num_samples
         sequences, prompt-major (sample j of prompt i at i * num_samples + j), each the prompt plus its
