@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,7 @@ class BundleServer:
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.ranges = True
+        self.drop_after: int | None = None  # cut the first response after this many bytes
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -48,6 +50,11 @@ class BundleServer:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
+                if server.drop_after is not None:
+                    self.wfile.write(body[start:server.drop_after])
+                    server.drop_after = None
+                    self.close_connection = True
+                    return
                 self.wfile.write(body[start:])
 
             def log_message(self, *args):
@@ -73,19 +80,26 @@ def server():
     s.close()
 
 
-def make_zip(root: Path, prefix: str = "eval_bundle/", skip: str | None = None) -> bytes:
+def make_zip(root: Path, prefix: str = "eval_bundle/", skip: str | None = None, padding: int = 0) -> bytes:
     """A zip laid out like nanochat's eval_bundle.zip (stored, so a flipped byte breaks a CRC)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for path in sorted(root.rglob("*")):
             if path.is_file() and path.name != skip:
                 archive.write(path, prefix + path.relative_to(root).as_posix())
+        if padding:
+            archive.writestr(prefix + "padding.bin", os.urandom(padding))
     return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
-def bundle_zip(data_dir, tmp_path_factory) -> bytes:
-    return make_zip(small_bundle(data_dir, tmp_path_factory.mktemp("zip") / "src", gzipped=False, rows=20))
+def bundle_root(data_dir, tmp_path_factory) -> Path:
+    return small_bundle(data_dir, tmp_path_factory.mktemp("zip") / "src", gzipped=False, rows=20)
+
+
+@pytest.fixture(scope="module")
+def bundle_zip(bundle_root) -> bytes:
+    return make_zip(bundle_root)
 
 
 def assert_complete(dest: Path):
@@ -127,6 +141,17 @@ def test_partial_download_resumes_with_a_range_request(server, bundle_zip, tmp_p
     assert_complete(dest)
 
 
+def test_a_dropped_connection_is_retried_and_resumed(server, bundle_root, tmp_path):
+    server.files["/eval_bundle.zip"] = make_zip(bundle_root, padding=400_000)
+    server.drop_after = 300_000
+    dest = download_bundle(server.url("/eval_bundle.zip"), tmp_path / "eval_bundle")
+    (first, first_range), (second, second_range) = server.requests
+    assert first_range is None
+    resumed_at = int(second_range.removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= 300_000   # what arrived before the drop was kept
+    assert_complete(dest)
+
+
 def test_server_without_ranges_restarts_from_zero(server, bundle_zip, tmp_path):
     server.files["/eval_bundle.zip"] = bundle_zip
     server.ranges = False
@@ -160,5 +185,6 @@ def test_checksum_and_http_errors(server, bundle_zip, tmp_path):
         download_bundle(server.url("/eval_bundle.zip"), tmp_path / "eval_bundle", sha256="0" * 64)
     good = hashlib.sha256(bundle_zip).hexdigest()
     assert_complete(download_bundle(server.url("/eval_bundle.zip"), tmp_path / "eval_bundle", sha256=good))
-    with pytest.raises(UserError, match="HTTP 404"):
-        download_bundle(server.url("/missing.zip"), tmp_path / "other" / "eval_bundle", retries=1)
+    with pytest.raises(UserError, match="HTTP 404"):   # not retried: a 404 will not change
+        download_bundle(server.url("/missing.zip"), tmp_path / "other" / "eval_bundle", retries=3)
+    assert [path for path, _ in server.requests].count("/missing.zip") == 1

@@ -76,7 +76,7 @@ def download_bundle(url: str, dest: Path, sha256: str = "", retries: int = 3) ->
                 _fetch(url, part)
                 break
             except (OSError, _HTTPError) as error:
-                if attempt == retries:
+                if attempt == retries or not getattr(error, "retry", True):
                     raise UserError(f"could not download the CORE eval bundle from {url}: {error}") from None
                 log.warning(f"eval bundle download failed ({error}); retry {attempt}/{retries - 1}")
                 time.sleep(2 ** attempt)
@@ -89,7 +89,9 @@ def download_bundle(url: str, dest: Path, sha256: str = "", retries: int = 3) ->
 
 
 class _HTTPError(Exception):
-    pass
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry  # False for answers that will not change (404, 403, ...)
 
 
 def _fetch(url: str, part: Path) -> None:
@@ -106,14 +108,16 @@ def _fetch(url: str, part: Path) -> None:
         if have and response.status_code == 416:  # the partial file is already complete
             return
         if response.status_code not in (200, 206):
-            raise _HTTPError(f"HTTP {response.status_code}")
+            code = response.status_code
+            raise _HTTPError(f"HTTP {code}", retry=code >= 500 or code in (408, 429))
         if response.status_code == 200:
             have = 0  # the server ignored the range: start again
-        total = have + int(response.headers.get("Content-Length", 0) or 0)
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length else 0  # 0 = size unknown
         with open(part, "ab" if have else "wb") as f, tqdm(
                 total=total or None, initial=have, unit="B", unit_scale=True, desc="eval_bundle.zip") as bar:
             try:
-                for chunk in response.iter_content(chunk_size=1 << 20):
+                for chunk in response.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses little
                     f.write(chunk)
                     bar.update(len(chunk))
             except requests.RequestException as error:
