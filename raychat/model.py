@@ -110,8 +110,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = [0] * batch_size
         self.row_start, self.row_stop = 0, batch_size
-        self._positions = None
-        self._attend = None
+        self.key_len = 0         # during a forward pass: cache positions the selected rows attend over
+        self._positions = None   # (B, T) absolute positions of the new tokens
+        self._attend = None      # "causal", "all", or a (B, 1, T, key_len) boolean mask
 
     @property
     def batch_size(self) -> int:
@@ -158,14 +159,14 @@ class KVCache:
         offsets = torch.arange(num_tokens, device=device)
         positions = torch.tensor(starts, device=device)[:, None] + offsets[None, :]
         self._positions = positions
-        self._key_len = max(starts) + num_tokens
+        self.key_len = max(starts) + num_tokens
         if all(s == 0 for s in starts):
             self._attend = "causal"  # fresh prefill: plain causal attention (flash kernel on GPU)
         elif num_tokens == 1 and all(s == starts[0] for s in starts):
             self._attend = "all"     # decode step, rows in lockstep: every cached key is visible
         else:
             # row b's query at absolute position p sees keys 0..p of that row, nothing beyond
-            keys = torch.arange(self._key_len, device=device)
+            keys = torch.arange(self.key_len, device=device)
             self._attend = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
         return positions
 
@@ -174,8 +175,8 @@ class KVCache:
         rows = torch.arange(self.row_start, self.row_stop, device=k.device)[:, None].expand_as(self._positions)
         self.k[layer][rows, :, self._positions] = k.to(self.k.dtype)
         self.v[layer][rows, :, self._positions] = v.to(self.v.dtype)
-        keys = self.k[layer, self.row_start:self.row_stop, :, :self._key_len]
-        values = self.v[layer, self.row_start:self.row_stop, :, :self._key_len]
+        keys = self.k[layer, self.row_start:self.row_stop, :, :self.key_len]
+        values = self.v[layer, self.row_start:self.row_stop, :, :self.key_len]
         return keys, values, self._attend
 
     def end(self, num_tokens: int) -> None:
@@ -306,8 +307,8 @@ class GPT(nn.Module):
             if B != kv_cache.row_stop - kv_cache.row_start:
                 raise ValueError(f"batch of {B} rows but the KV cache selects {kv_cache.row_stop - kv_cache.row_start}")
             positions = kv_cache.begin(T)
-            if kv_cache._key_len > self.cos.size(0):
-                raise ValueError(f"position {kv_cache._key_len} exceeds the rotary table ({self.cos.size(0)})")
+            if kv_cache.key_len > self.cos.size(0):
+                raise ValueError(f"position {kv_cache.key_len} exceeds the rotary table ({self.cos.size(0)})")
             cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
