@@ -251,7 +251,7 @@ class Batch:
             raise ValueError(f"batch full: {self.free_slots} free slots, {copies} needed")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if temperature < 0:
+        if not temperature >= 0:  # also refuses NaN
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -269,7 +269,7 @@ class Batch:
         slot_ids = []
         for i in range(copies):
             generator = torch.Generator()
-            generator.manual_seed(seeds[i])
+            generator.manual_seed(int(seeds[i]) % 2**63)  # any int works, negative or huge
             tool = ToolUse(self.engine.tokenizer) if self.engine.tokenizer is not None else None
             slot = _Slot(self._next_id, first + i, max_tokens, temperature, top_k, top_p, generator, tool)
             self._next_id += 1

@@ -118,6 +118,7 @@ def test_length_limits_and_bad_requests(engine, model):
     for bad, match in [(dict(prompt_tokens=[]), "empty"), (dict(prompt_tokens=list(range(10))), "no room"),
                        (dict(prompt_tokens=[VOCAB]), "ints in"), (dict(prompt_tokens=[1], top_p=0.0), "top_p"),
                        (dict(prompt_tokens=[1], top_k=0), "top_k"), (dict(prompt_tokens=[1], temperature=-1), "temperature"),
+                       (dict(prompt_tokens=[1], temperature=float("nan")), "temperature"),
                        (dict(prompt_tokens=[1], max_tokens=0), "max_tokens")]:
         with pytest.raises(ValueError, match=match):
             batch.add(**bad)
