@@ -205,7 +205,8 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            # one dtype for SDPA whatever autocast made of the norms (bf16 on GPU: the flash kernel)
+            q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             keys, values, attend = kv_cache.update(self.layer_idx, k, v)
