@@ -33,7 +33,6 @@ class EvalWorker:
     """Holds one copy of the model; scores chunks of CORE items and computes bpb."""
 
     def __init__(self, model, tokenizer, use_gpu: bool):
-        torch.set_grad_enabled(False)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device)
         if self.device == "cpu":
