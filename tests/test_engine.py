@@ -8,10 +8,10 @@ from raychat.model import GPT, GPTConfig, build_model
 VOCAB = 128
 
 
-def random_model(depth=2, vocab_size=VOCAB, sequence_len=64, seed=0) -> GPT:
+def random_model(depth=2, vocab_size=VOCAB, sequence_len=64, seed=0, n_kv_head=None) -> GPT:
     """A tiny model with every matrix random (nanochat's init zeroes the head: all logits would tie)."""
     torch.manual_seed(seed)
-    model = build_model(GPTConfig(depth=depth, vocab_size=vocab_size, sequence_len=sequence_len))
+    model = build_model(GPTConfig(depth=depth, vocab_size=vocab_size, sequence_len=sequence_len, n_kv_head=n_kv_head))
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(0, 0.05)
@@ -65,6 +65,13 @@ def test_greedy_batch_of_different_prompts_equals_recomputation(engine, model):
         for prompt, result, mask in zip(prompts, results, masks):
             assert result == greedy_by_recomputation(model, prompt, 12)
             assert mask == [0] * len(prompt) + [1] * 12
+
+
+def test_grouped_query_attention_model_decodes_like_recomputation():
+    gqa = random_model(depth=4, n_kv_head=1)  # 2 query heads share 1 key/value head
+    prompts = [[3, 4, 5], [9, 9, 9, 9, 9, 9, 9]]
+    results, _ = Engine(gqa).generate_many(prompts, max_tokens=8, temperature=0.0)
+    assert results == [greedy_by_recomputation(gqa, p, 8) for p in prompts]
 
 
 def test_slot_added_mid_generation_gives_same_tokens_as_alone(engine):
