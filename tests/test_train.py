@@ -141,3 +141,17 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(runs, tmp_path):
     # a directory still being written (no meta.json yet) is never picked
     (copy / f".step_{STEPS + 3:06d}.tmp").mkdir()
     assert latest_training_checkpoint(copy) == copy / f"step_{STEPS - SAVE_EVERY:06d}"
+
+
+def test_submitting_the_same_run_again_continues_from_its_last_checkpoint(runs):
+    """Last in this module: it extends the clean run by 3 steps."""
+    from raychat.train.ray_trainer import fit
+    cfg, root, _ = runs["clean"]
+    before = (root / f"step_{STEPS:06d}" / "meta.json").read_bytes()
+    longer = load_config("demo", OVERRIDES + ["run.name=clean", f"pretrain.num_iterations={STEPS + 3}"])
+    result = fit(longer, stage="base")
+    assert result.error is None and result.metrics["step"] == STEPS + 3
+    assert (root / f"step_{STEPS + 3:06d}" / "meta.json").exists()
+    assert (root / f"step_{STEPS:06d}" / "meta.json").read_bytes() == before   # continued, not redone
+    again = fit(longer, stage="base")   # already complete: returns its final checkpoint at once
+    assert again.metrics["step"] == STEPS + 3 and again.checkpoint.path.endswith(f"step_{STEPS + 3:06d}")

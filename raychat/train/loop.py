@@ -115,6 +115,13 @@ def run_training(cfg, rank: int, world: int, device: str, use_deepspeed: bool,
         state = checkpointing.load_training_checkpoint(resume, backend, rank, world, device)
         start_step, cursor = state["step"], state["cursor"]
         log.info(f"resumed from {resume} at step {start_step}")
+        if start_step >= horizon.num_iterations:   # submitted again after it finished: nothing to do
+            metrics = json.loads((resume / "meta.json").read_text()).get("metrics", {})
+            log.info(f"{stage} run '{cfg.run.name}' is already complete ({start_step} steps); use a new run.name "
+                     f"or a longer horizon to train more")
+            if report is not None:
+                report(dict(metrics), resume)
+            return metrics
     stream = PretrainStream(cfg, tokenizer, "train", tc.device_batch_size, tc.sequence_len, rank=rank,
                             world_size=world, cursor=cursor, use_ray=use_deepspeed)
     batches = _to_device(iter(stream), device)
