@@ -37,16 +37,14 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(data_dir):
     """A small real tokenizer (vocab 1024) trained on ~1.5 M characters of the offline shards, once per session."""
-    import pyarrow.parquet as pq
-
+    from raychat.data.fineweb import iter_documents
     from raychat.tokenizer import RustBPETokenizer
 
     def texts(budget=1_500_000):
-        for path in sorted((data_dir / "pretrain" / "shards").glob("*.parquet"))[:-1]:
-            for text in pq.read_table(path, columns=["text"]).column("text").to_pylist():
-                yield text[:10_000]
-                budget -= min(len(text), 10_000)
-                if budget <= 0:
-                    return
+        for text in iter_documents(sorted((data_dir / "pretrain" / "shards").glob("*.parquet"))[:-1], doc_cap=10_000):
+            yield text
+            budget -= len(text)
+            if budget <= 0:
+                return
 
     return RustBPETokenizer.train_from_iterator(texts(), 1024)

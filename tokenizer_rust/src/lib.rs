@@ -5,6 +5,7 @@
 //! Every function returns a status (0 = ok, < 0 = error) where it can fail; the message of the last
 //! error is available from `rbpe_last_error`. Panics never cross the boundary.
 
+mod chunk_table;
 mod fxhash;
 pub mod split;
 pub mod train;
@@ -115,7 +116,7 @@ pub unsafe extern "C" fn rbpe_trainer_num_chunks(trainer: *const c_void) -> u64 
 #[no_mangle]
 pub unsafe extern "C" fn rbpe_trainer_train(trainer: *mut c_void, num_merges: u64, verbose: i32) -> i64 {
     let trainer = &mut *(trainer as *mut Trainer);
-    guarded(|| Ok(trainer.train(num_merges as usize, verbose != 0) as i64))
+    guarded(|| trainer.train(num_merges as usize, verbose != 0).map(|n| n as i64))
 }
 
 /// Copy the learned merges into `out`: 2 ids (left, right) per merge; merge i creates token 256 + i.
