@@ -46,6 +46,18 @@ def test_greedy_one_prompt_equals_recomputation(engine, model):
     assert masks[0] == [0] * len(prompt) + [1] * 24
 
 
+def test_greedy_equals_recomputation_with_multithreaded_decode(model):
+    """The suite runs single-threaded; with 2 threads decoding takes the model's bmm path (model.Linear)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prompts = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8]]
+        results, _ = Engine(model).generate_many(prompts, num_samples=2, max_tokens=16, temperature=0.0)
+        assert results == [greedy_by_recomputation(model, p, 16) for p in prompts for _ in range(2)]
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_greedy_num_samples_share_prefill_and_equal_recomputation(engine, model):
     prompt = [1, 2, 3, 4]
     expected = greedy_by_recomputation(model, prompt, 16)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from raychat.model import GPT, GPTConfig, build_model
+from raychat.model import GPT, GPTConfig, Linear, build_model
 
 
 def random_model(depth=2, vocab_size=128, sequence_len=64, n_kv_head=None, seed=0) -> GPT:
@@ -102,3 +102,26 @@ def test_kv_cache_matches_full_forward_with_rows_at_different_positions(n_kv_hea
     assert cache.lengths == [8, 12, 5]
     with pytest.raises(ValueError, match="KV cache full"):
         model(torch.zeros(3, 5, dtype=torch.long), kv_cache=cache.select(0, 3))
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs with 1 thread (conftest); the CPU decode path needs 2+
+    yield
+    torch.set_num_threads(old)
+
+
+def test_linear_cpu_decode_path_equals_f_linear(two_threads):
+    torch.manual_seed(0)
+    linear = Linear(64, 96)
+    torch.nn.init.normal_(linear.weight)
+    for shape in [(1, 1, 64), (3, 2, 64), (8, 64), (2, 9, 64)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            got = linear(x)
+        assert got.shape == (*shape[:-1], 96)
+        assert torch.allclose(got, torch.nn.functional.linear(x, linear.weight), atol=1e-5), shape
+    x = torch.randn(1, 64, requires_grad=True)  # with autograd: the ordinary path, gradients flow
+    linear(x).sum().backward()
+    assert x.grad is not None and linear.weight.grad is not None
