@@ -160,6 +160,8 @@ class ServeConfig:
     max_total_chars: int = opt(32000, min=1)
     default_max_tokens: int = opt(512, min=1, max=4096)
     access_log: bool = opt(False, help="Serve's per-request access log (costs CPU per request)")
+    stream_interval_ms: int = opt(20, min=0, max=1000, help="after the first token, send a stream's new text at "
+                                                          "most this often (fewer, larger chunks); 0 = every token")
 
 
 @dataclass
