@@ -6,8 +6,8 @@ real checkpoint files) over 127.0.0.1. Each client posts streaming chat completi
 The baseline is 1 client in the same run: with continuous batching, 8 clients should get well over
 4x its tokens/s, because one forward pass advances all of them.
 
-    flock /tmp/raychat_cpu.lock .venv/bin/python bench/serve.py            # ~3 minutes
-    flock /tmp/raychat_cpu.lock .venv/bin/python bench/serve.py --depth 8 --reps 3
+    flock /tmp/raychat_cpu.lock .venv/bin/python bench/serve.py            # ~4 minutes
+    flock /tmp/raychat_cpu.lock .venv/bin/python bench/serve.py --depth 4 --reps 3   # a serving-bound model
 
 Needs RAYCHAT_DATA_DIR (the tokenizer is trained on the offline shards). Results: bench/results/serve.json.
 """
@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+# `python bench/serve.py` puts bench/ first on sys.path, where this file would shadow the `serve` package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def build_checkpoint(base: Path, depth: int, vocab_size: int, sequence_len: int) -> None:
@@ -106,15 +108,18 @@ async def measure(url: str, concurrency: int, duration: float, max_tokens: int) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--depth", type=int, default=10, help="10: 54 M parameters, ~20 ms per token on 1 core")
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--reps", type=int, default=2, help="measurements per concurrency; the best is kept")
     parser.add_argument("--concurrency", default="1,8,32")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
+    from raychat.common import LOCAL_RAY_ENV
+    for key, value in LOCAL_RAY_ENV.items():  # Ray on 127.0.0.1, set before Ray is imported
+        os.environ.setdefault(key, value)
     base = Path(tempfile.mkdtemp(prefix="raychat_bench_serve_"))
     os.environ["RAYCHAT_BASE_DIR"] = str(base)
     build_checkpoint(base, args.depth, args.vocab, sequence_len=max(256, 2 * args.max_tokens + 128))
@@ -136,7 +141,18 @@ def main() -> int:
         asyncio.run(measure(url, 8, 3.0, args.max_tokens))  # warm-up: worker threads, allocator, KV cache growth
         results = []
         for concurrency in levels:
-            runs = [asyncio.run(measure(url, concurrency, args.duration, args.max_tokens)) for _ in range(args.reps)]
+            runs = []
+            for _ in range(args.reps):
+                before = httpx.get(f"{url}/stats").json()
+                run = asyncio.run(measure(url, concurrency, args.duration, args.max_tokens))
+                after = httpx.get(f"{url}/stats").json()
+                # where the replica's time went: decode steps, prefills, or waiting (serving overhead)
+                steps = after["decode_steps_total"] - before["decode_steps_total"]
+                decode = after["decode_s_total"] - before["decode_s_total"]
+                prefill = after["prefill_s_total"] - before["prefill_s_total"]
+                run.update(step_ms=1000 * decode / max(1, steps), decode_share=decode / run["wall_s"],
+                           prefill_share=prefill / run["wall_s"], tokens_per_step=run["tokens_per_s"] * run["wall_s"] / max(1, steps))
+                runs.append(run)
             best = max(runs, key=lambda r: r["tokens_per_s"])
             best["all_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
             results.append(best)
@@ -149,12 +165,14 @@ def main() -> int:
     baseline = results[0]["tokens_per_s"]
     print(f"\nServe chat service, one replica, depth {args.depth}, {args.max_tokens} tokens/request, "
           f"best of {args.reps} x {args.duration:.0f} s, client on the same machine")
-    print("| clients | tokens/s | ratio vs 1 client | TTFT p50 ms | TTFT p99 ms | requests | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | tokens/s | ratio vs 1 client | TTFT p50 ms | TTFT p99 ms | requests | errors "
+          "| ms/step | tokens/step | replica time in decode / prefill |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         r["ratio"] = r["tokens_per_s"] / baseline
         print(f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f}x | {r['ttft_p50_ms']:.0f} | "
-              f"{r['ttft_p99_ms']:.0f} | {r['requests']} | {r['errors']} |")
+              f"{r['ttft_p99_ms']:.0f} | {r['requests']} | {r['errors']} | {r['step_ms']:.1f} | "
+              f"{r['tokens_per_step']:.1f} | {100 * r['decode_share']:.0f} % / {100 * r['prefill_share']:.0f} % |")
     print(f"peak sequences decoded together: {stats['peak_active_sequences']}")
     out = REPO / "bench" / "results" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)

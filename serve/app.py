@@ -42,11 +42,13 @@ app = FastAPI(title="raychat", docs_url=None, redoc_url=None)
 # were missing there (NameError in the replica).
 
 async def _decode(tokenizer, sequences: list[Sequence], queue: asyncio.Queue, params: SamplingParams,
-                  scheduler: Scheduler):
+                  scheduler: Scheduler, interval: float = 0.0):
     """Tokens of one request's sequences -> ({choice: new text}, {choice: finish_reason}, error, tokens so far).
 
     Takes everything that arrived since the last wake-up at once, so a client that falls behind gets
-    fewer, larger chunks instead of a growing backlog. On exit (done, error, or the consumer closed it
+    fewer, larger chunks instead of a growing backlog. With `interval` > 0 it waits that long after each
+    piece of text (the first one goes out at once): each chunk costs Serve's proxy and the replica CPU
+    that a fast model would otherwise use for decoding. On exit (done, error, or the consumer closed it
     because the client disconnected) the sequences still running are cancelled, freeing their slots.
     """
     streams = [TextStream(tokenizer, params.stop) for _ in sequences]
@@ -79,6 +81,8 @@ async def _decode(tokenizer, sequences: list[Sequence], queue: asyncio.Queue, pa
                 if text:
                     deltas[index] = deltas.get(index, "") + text
             yield deltas, finished, None, tokens
+            if interval and deltas and live:
+                await asyncio.sleep(interval)
     finally:
         scheduler.cancel([s for i, s in enumerate(sequences) if i in live])
 
@@ -152,7 +156,8 @@ class ChatService:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         try:
-            length = int(request.headers.get("content-length") or 0)
+            length = request.headers.get("content-length") or "0"
+            length = int(length) if length.isdigit() else 0  # a bad header: the body's real size decides
             if length > self.limits.max_body_bytes:  # refuse before reading a huge body
                 raise APIError(413, f"request body is {length} bytes; the limit is {self.limits.max_body_bytes}")
             chat, params = parse_chat_request(await request.body(), self.limits)
@@ -174,8 +179,13 @@ class ChatService:
         except Overloaded as error:
             return JSONResponse(APIError(429, str(error), code="overloaded").body(), status_code=429,
                                 headers={"Retry-After": str(error.retry_after)})
+        except Exception as error:  # a bug must cost one request a 500, never the replica
+            log.exception("chat completion failed")
+            return JSONResponse(APIError(500, f"internal error: {type(error).__name__}", code="internal").body(),
+                                status_code=500)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        decoded = _decode(self.tokenizer, sequences, queue, params, self.scheduler)
+        decoded = _decode(self.tokenizer, sequences, queue, params, self.scheduler,
+                          interval=self.cfg.stream_interval_ms / 1000 if chat.stream else 0.0)
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(self._stream(decoded, completion_id, params.n, len(prompt), include_usage),

@@ -70,6 +70,9 @@ class Scheduler:
         self.cancelled_total = 0
         self.rejected_total = 0
         self.peak_active = 0
+        self.decode_s = 0.0     # time in batch.step() (one forward pass for every active sequence)
+        self.decode_steps = 0
+        self.prefill_s = 0.0    # time in batch.add() (one forward pass over each admitted prompt)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step over the last 10 s
         self._thread = threading.Thread(target=self._run, name="raychat-scheduler", daemon=True)
         self._thread.start()
@@ -111,6 +114,12 @@ class Scheduler:
                 "sequences_total": self.sequences_total,
                 "cancelled_total": self.cancelled_total,
                 "rejected_total": self.rejected_total,
+                "decode_steps_total": self.decode_steps,
+                "decode_s_total": round(self.decode_s, 3),
+                "prefill_s_total": round(self.prefill_s, 3),
+                "decode_ms_per_step": round(1000 * self.decode_s / max(1, self.decode_steps), 2),
+                "prefill_ms_per_sequence": round(1000 * self.prefill_s / max(1, self.sequences_total), 2),
+                "busy_fraction": round((self.decode_s + self.prefill_s) / max(1e-9, now - self.started), 3),
                 "uptime_s": round(now - self.started, 1),
             }
 
@@ -172,19 +181,25 @@ class Scheduler:
         for seq in sequences:
             if seq.done:  # cancelled while waiting
                 continue
+            started = time.perf_counter()
             try:
                 seq.slot = self.batch.add(seq.prompt, max_tokens=seq.max_tokens, temperature=seq.temperature,
                                           top_k=seq.top_k, top_p=seq.top_p, seed=seq.seed)
             except ValueError as error:  # prompt too long for the context: the request's fault, not ours
                 self._send(seq, None, True, None, str(error))
                 continue
+            finally:
+                self.prefill_s += time.perf_counter() - started
             with self._lock:
                 self._active[seq.slot] = seq
                 self.sequences_total += 1
                 self.peak_active = max(self.peak_active, len(self._active))
 
     def _step(self) -> None:
+        started = time.perf_counter()
         events = self.batch.step()
+        self.decode_s += time.perf_counter() - started
+        self.decode_steps += 1
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         produced = 0
         for event in events:
