@@ -121,6 +121,19 @@ def verify_checkpoint(directory: Path, files: list[str] | None = None) -> None:
             raise CheckpointError(f"{path} is corrupt (sha256 differs from {META_FILE})")
 
 
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename the complete directory `tmp` to `final`. An existing `final` (re-saving a step) is moved
+    aside first and dropped only after the rename, so there is always one complete copy on disk."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path):
     """Yield a temporary sibling of `final` to fill; on success it replaces `final` in one rename.
@@ -131,14 +144,7 @@ def atomic_directory(final: Path):
     tmp.mkdir()
     try:
         yield tmp
-        if final.exists():  # re-saving a step: move the old copy aside first, drop it after the rename
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class ConfigError(ValueError):
@@ -28,7 +33,7 @@ def opt(default: Any, *, min: float | None = None, max: float | None = None, cho
 @dataclass
 class RunConfig:
     name: str = opt("default", help="run name: checkpoints/{stage}/{name}; resubmitting the same name resumes")
-    storage_path: str = opt("", help="cluster storage (shared FS or s3://); empty = RAYCHAT_BASE_DIR")
+    storage_path: str = opt("", help="checkpoint root on a filesystem every node mounts; empty = RAYCHAT_BASE_DIR")
     seed: int = opt(42, min=0)
     kill_worker_at_step: int = opt(-1, min=-1, help="fault-tolerance drill: the last worker SIGKILLs itself once "
                                                    "at this step; -1 = off")
@@ -55,9 +60,11 @@ class DataConfig:
     download_backoff_s: float = opt(2.0, min=0.0, max=600.0, help="wait before the first retry; doubles each time")
     download_timeout_s: float = opt(60.0, min=0.1, help="socket timeout per request")
     packing: str = opt("bos_bestfit", choices=("bos_bestfit", "concat"))
-    tokenizer_batch_size: int = opt(128, min=1, help="documents per map_batches call")
+    tokenizer_batch_size: int = opt(128, min=1, help="documents per read+tokenize task (map_batches call)")
     buffer_docs: int = opt(1000, min=1, help="documents held for best-fit packing, per rank")
     prefetch_batches: int = opt(2, min=1, max=64, help="packed batches prepared ahead of the training step")
+    tasks_per_rank: int = opt(4, min=1, max=256, help="concurrent Ray Data read+tokenize tasks per rank")
+    buffer_mb: int = opt(256, min=1, help="tokenized data each rank's Ray Data pipeline may hold ahead (MiB)")
 
 
 @dataclass
@@ -66,7 +73,7 @@ class TrainConfig:
     num_workers: int = opt(8, min=1, help="Ray Train workers (one per GPU)")
     use_gpu: bool = opt(True)
     cpus_per_worker: float = opt(1.0, min=0.0, max=256.0)
-    zero_stage: int = opt(2, choices=(0, 1, 2))
+    zero_stage: int = opt(2, choices=(1, 2), help="ZeRO-1/2 shard the AdamW state; Muon is raychat's own")
     dtype: str = opt("auto", choices=("auto", "bf16", "fp32"), help="auto = bf16 on GPU, fp32 on CPU")
     compile: bool = opt(True, help="torch.compile the model (GPU only)")
     sequence_len: int = opt(2048, min=8, max=65536)
@@ -80,11 +87,12 @@ class TrainConfig:
     warmup_ratio: float = opt(0.0, min=0.0, max=1.0)
     warmdown_ratio: float = opt(0.2, min=0.0, max=1.0)
     final_lr_frac: float = opt(0.0, min=0.0, max=1.0)
-    grad_clip: float = opt(0.0, min=0.0, help="0 = no clipping")
+    grad_clip: float = opt(0.0, min=0.0, help="max grad norm of the AdamW parameters (embedding, lm_head); "
+                                               "Muon's orthogonalised update does not scale with the gradient; "
+                                               "0 = no clipping")
     log_every: int = opt(1, min=1)
     eval_every: int = opt(250, min=0, help="0 = only at the end")
     eval_tokens: int = opt(20 * 524_288, min=1)
-    sample_every: int = opt(2000, min=0)
     save_every: int = opt(1000, min=0, help="0 = only at the end")
     max_failures: int = opt(3, min=0, help="worker deaths survived by restarting from the last checkpoint")
 
@@ -190,6 +198,8 @@ class Config:
         for section, values in d.items():
             if section == "preset":
                 continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section '{section}' must be a mapping of fields, got {values!r}")
             for key, value in values.items():
                 cfg.set(f"{section}.{key}", value)
         cfg.validate()
@@ -216,6 +226,17 @@ class Config:
             section = getattr(self, section_field.name)
             for f in fields(section):
                 _check_range(f"{section_field.name}.{f.name}", f, getattr(section, f.name))
+        if not RUN_NAME.fullmatch(self.run.name):
+            raise ConfigError(f"run.name must be letters, digits, '.', '_' or '-' (it names a directory), "
+                              f"got '{self.run.name}'")
+        if "://" in self.run.storage_path:
+            raise ConfigError(f"run.storage_path must be a filesystem path every node mounts (NFS, EFS, Lustre); "
+                              f"object stores like '{self.run.storage_path.split('://')[0]}://' are not supported")
+        for stage in ("pretrain", "midtrain", "sft"):
+            section = getattr(self, stage)
+            if isinstance(section, PretrainConfig) and section.sequence_len > section.max_seq_len:
+                raise ConfigError(f"{stage}.sequence_len ({section.sequence_len}) must be <= {stage}.max_seq_len "
+                                  f"({section.max_seq_len})")
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ConfigError(f"serve.min_replicas ({self.serve.min_replicas}) must be <= serve.max_replicas "
                               f"({self.serve.max_replicas})")
@@ -264,6 +285,8 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def _check_range(name: str, f: dataclasses.Field, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
     lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got '{value}'")
@@ -292,10 +315,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.num_shards": 2,
         "data.download_workers": 2,
         "data.buffer_docs": 64,
-        "data.tokenizer_batch_size": 32,
+        "data.tokenizer_batch_size": 128,
+        "data.tasks_per_rank": 2,
+        "data.buffer_mb": 8,
         **{f"{stage}.{k}": v for stage in ("pretrain", "midtrain", "sft") for k, v in {
             "num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.5, "dtype": "fp32", "compile": False,
-            "zero_stage": 2, "log_every": 10, "sample_every": 0, "save_every": 50, "eval_every": 50,
+            "zero_stage": 2, "log_every": 10, "save_every": 50, "eval_every": 50,
         }.items()},
         "pretrain.depth": 2,
         "pretrain.max_seq_len": 256,

@@ -25,12 +25,12 @@ def test_tiers_differ_where_they_should():
 
 def test_overrides_are_typed():
     cfg = load_config("d20", ["pretrain.depth=26", "tokenizer.max_chars=2e6", "pretrain.use_gpu=false",
-                              "pretrain.matrix_lr=0.03", "data.packing=concat", "run.name=my run"])
+                              "pretrain.matrix_lr=0.03", "data.packing=concat", "run.name=my-run_2"])
     assert cfg.pretrain.depth == 26 and isinstance(cfg.pretrain.depth, int)
     assert cfg.tokenizer.max_chars == 2_000_000
     assert cfg.pretrain.use_gpu is False
     assert cfg.pretrain.matrix_lr == pytest.approx(0.03)
-    assert cfg.data.packing == "concat" and cfg.run.name == "my run"
+    assert cfg.data.packing == "concat" and cfg.run.name == "my-run_2"
     # later overrides win
     assert load_config("demo", ["pretrain.depth=3", "pretrain.depth=4"]).pretrain.depth == 4
 
@@ -46,8 +46,12 @@ def test_overrides_are_typed():
     ("tokenizer.vocab_size=100", "tokenizer.vocab_size must be >= 265"),
     ("serve.port=70000", "serve.port must be <= 65535"),
     ("data.packing=zigzag", "data.packing must be one of bos_bestfit, concat"),
-    ("pretrain.zero_stage=3", "pretrain.zero_stage must be one of 0, 1, 2"),
+    ("pretrain.zero_stage=3", "pretrain.zero_stage must be one of 1, 2"),
     ("pretrain.depth", "bad override 'pretrain.depth': expected section.field=value"),
+    ("pretrain.matrix_lr=nan", "pretrain.matrix_lr must be a finite number"),
+    ("run.name=../elsewhere", "run.name must be letters, digits"),
+    ("run.storage_path=s3://bucket/x", "object stores like 's3://' are not supported"),
+    ("pretrain.sequence_len=4096", "pretrain.sequence_len (4096) must be <= pretrain.max_seq_len (256)"),
 ])
 def test_bad_override_names_the_field(override, expected):
     with pytest.raises(ConfigError) as info:

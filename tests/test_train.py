@@ -17,9 +17,9 @@ from raychat.train.loop import plan_horizon
 STEPS, SAVE_EVERY, KILL_AT = 12, 3, 7
 OVERRIDES = [
     "pretrain.depth=2", "pretrain.sequence_len=64", "pretrain.max_seq_len=64", "pretrain.device_batch_size=4",
-    "pretrain.total_batch_size=512", f"pretrain.num_iterations={STEPS}", f"pretrain.save_every={SAVE_EVERY}",
+    "pretrain.total_batch_size=1024", f"pretrain.num_iterations={STEPS}", f"pretrain.save_every={SAVE_EVERY}",
     f"pretrain.eval_every={STEPS}", "pretrain.eval_tokens=2048", "pretrain.log_every=3", "pretrain.max_failures=2",
-    "pretrain.warmdown_ratio=0.5",
+    "pretrain.warmup_ratio=0.25", "pretrain.warmdown_ratio=0.5",   # the LR changes during the compared steps
 ]
 
 
@@ -83,8 +83,8 @@ def test_validation_bpb_goes_down(runs, tokenizer):
 
 
 def test_deepspeed_matches_single_process_reference(runs, tokenizer):
-    """3 steps on 2 DeepSpeed workers == 3 steps of the same optimizer in ONE process that sees both ranks'
-    rows as two accumulated micro-batches (the gradient is then the same mean the all-reduce computes)."""
+    """3 steps on 2 DeepSpeed workers (2 accumulated micro-batches each, warming-up LR) == 3 steps of the same
+    optimizer in ONE process that accumulates both ranks' micro-batches (the same mean gradient)."""
     from raychat.data.pretrain import PretrainStream
     from raychat.model import GPTConfig, build_model
     from raychat.train.backend import TorchBackend
@@ -96,14 +96,15 @@ def test_deepspeed_matches_single_process_reference(runs, tokenizer):
 
     def both_ranks():
         while True:
-            yield next(streams[0])
-            yield next(streams[1])
+            for stream in streams:
+                yield next(stream)
+                yield next(stream)
 
     backend = TorchBackend(model, cfg.pretrain, "cpu", "fp32")   # world size 1: plain AdamW + Muon
     schedule = Schedule(STEPS, cfg.pretrain.warmup_ratio, cfg.pretrain.warmdown_ratio, cfg.pretrain.final_lr_frac)
     batches = both_ranks()
     for step in range(SAVE_EVERY):
-        train_step(backend, batches, step, schedule, grad_accum_steps=2)
+        train_step(backend, batches, step, schedule, grad_accum_steps=4)
     distributed = load_file(str(root / f"step_{SAVE_EVERY:06d}" / "model.safetensors"))
     torch.manual_seed(cfg.run.seed)
     initial = build_model(GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=64))
@@ -141,6 +142,22 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(runs, tmp_path):
     # a directory still being written (no meta.json yet) is never picked
     (copy / f".step_{STEPS + 3:06d}.tmp").mkdir()
     assert latest_training_checkpoint(copy) == copy / f"step_{STEPS - SAVE_EVERY:06d}"
+
+
+def test_a_checkpoint_resumes_only_the_run_that_wrote_it(runs, tokenizer):
+    from raychat.model import GPTConfig
+    from raychat.train.checkpointing import check_resumable
+    _, clean, _ = runs["clean"]
+    path = clean / f"step_{STEPS:06d}"
+    config = GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=64)
+    check_resumable(path, config, tokenizer, 2, "deepspeed")
+    with pytest.raises(UserError, match="the number of workers changed"):
+        check_resumable(path, config, tokenizer, 4, "deepspeed")
+    with pytest.raises(UserError, match="the model shape"):
+        check_resumable(path, GPTConfig(depth=3, vocab_size=tokenizer.get_vocab_size(), sequence_len=64),
+                        tokenizer, 2, "deepspeed")
+    with pytest.raises(UserError, match="the trainer"):
+        check_resumable(path, config, tokenizer, 2, "torch")
 
 
 def test_submitting_the_same_run_again_continues_from_its_last_checkpoint(runs):

@@ -37,13 +37,12 @@ class TrainBackend:
         self.model = model
         self.device = device
         self.world = _world()
-        self.autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dtype == "bf16" and device == "cuda"
-                         else contextlib.nullcontext())
+        # weights stay fp32 (the optimizers' master copy); bf16 is autocast for the forward pass
+        self.autocast = (torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
+                         if dtype == "bf16" else contextlib.nullcontext())
         self.adamw_groups, self.muon_params = build_param_groups(
             model, train_cfg.embedding_lr, train_cfg.unembedding_lr, train_cfg.matrix_lr, train_cfg.weight_decay)
         self.muon = Muon(self.muon_params, lr=train_cfg.matrix_lr, momentum=0.95)
-        for group in self.muon.param_groups:
-            group.setdefault("initial_lr", train_cfg.matrix_lr)
         self.grad_clip = train_cfg.grad_clip
         self._grad_norm = float("nan")
 
@@ -80,6 +79,7 @@ class TrainBackend:
 
 class TorchBackend(TrainBackend):
     """Plain torch: one process, or several under torchrun with gradients averaged by hand."""
+    kind = "torch"
 
     def __init__(self, model, train_cfg, device, dtype):
         super().__init__(model, train_cfg, device, dtype)
@@ -125,6 +125,7 @@ class TorchBackend(TrainBackend):
 
 class DeepSpeedBackend(TrainBackend):
     """DeepSpeed ZeRO-1/2 engine for the AdamW parameters + raychat's distributed Muon for the matrices."""
+    kind = "deepspeed"
 
     def __init__(self, model, train_cfg, device, dtype, micro_batch_size: int, grad_accum_steps: int):
         super().__init__(model, train_cfg, device, dtype)
@@ -140,9 +141,7 @@ class DeepSpeedBackend(TrainBackend):
             "steps_per_print": 10**12,
             "wall_clock_breakdown": False,
         }
-        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.client_adamw,
-                                                                    config=ds_config)
-        self.adamw_params = [p for g in self.adamw_groups for p in g["params"]]
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.client_adamw, config=ds_config)
         if train_cfg.compile and device == "cuda":
             self.engine.compile()
 

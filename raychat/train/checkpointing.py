@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from raychat.checkpoint import CheckpointError, checkpoint_files, fsync_dir, latest_checkpoint, write_meta
+from raychat.checkpoint import CheckpointError, checkpoint_files, latest_checkpoint, replace_directory, write_meta
 from raychat.common import UserError, get_logger
 
 log = get_logger("raychat.checkpoint")
@@ -35,6 +35,14 @@ def _rng_state() -> dict:
     return state
 
 
+def _fsync_new_files(directory: Path, before: set[Path]) -> None:
+    """fsync what this rank wrote (on a shared filesystem only the writer's fsync flushes its node)."""
+    for path in set(directory.rglob("*")) - before:
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def save_training_checkpoint(root: Path, step: int, model, backend, cursor: dict, meta: dict, rank: int,
                              world: int) -> Path:
     """Collective: every rank calls it at the same step. Returns the final directory."""
@@ -44,22 +52,20 @@ def save_training_checkpoint(root: Path, step: int, model, backend, cursor: dict
         shutil.rmtree(tmp, ignore_errors=True)   # left over by a run that died while saving
         tmp.mkdir(parents=True)
     _barrier(world)
+    if not tmp.is_dir():
+        raise UserError(f"rank {rank} cannot see {tmp}: with workers on several nodes, RAYCHAT_BASE_DIR "
+                        f"(or run.storage_path) must be a filesystem every node mounts")
+    before = set(tmp.rglob("*"))
     if rank == 0:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
     backend.save_state(tmp, rank)
     torch.save({"step": step, "cursor": cursor, "rng": _rng_state()}, tmp / f"trainer_rank{rank:03d}.pt")
-    for path in tmp.rglob("*"):
-        if path.is_file() and (path.name.endswith(f"rank{rank:03d}.pt") or rank == 0):
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+    _fsync_new_files(tmp, before)
     _barrier(world)
     if rank == 0:
-        write_meta(tmp, {**meta, "step": step, "world_size": world})   # checksums every file, fsyncs
-        if final.exists():   # an older copy of this step (a run that died right after renaming): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        write_meta(tmp, {**meta, "step": step, "world_size": world})   # checksums every file, fsyncs meta
+        replace_directory(tmp, final)
         log.info(f"saved checkpoint {final}")
     _barrier(world)
     return final
@@ -70,13 +76,31 @@ def latest_training_checkpoint(root: Path) -> Path | None:
     return latest_checkpoint(Path(root)) if Path(root).exists() else None
 
 
+def agreed_resume_checkpoint(root: Path, rank: int, world: int) -> Path | None:
+    """Rank 0 picks (and checksums) the checkpoint to resume from and tells the others, so that every rank
+    starts at the same step even if a file reads differently on one node."""
+    choice = [str(latest_training_checkpoint(root) or "") if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def check_resumable(path: Path, model_config, tokenizer, world: int, trainer: str) -> None:
+    """A checkpoint continues only the run that wrote it: same model, tokenizer, workers and trainer."""
+    meta = json.loads((path / "meta.json").read_text())
+    expected = {"model_config": model_config.to_dict(), "tokenizer_fingerprint": tokenizer.fingerprint(),
+                "world_size": world, "trainer": trainer}
+    what = {"model_config": "the model shape (pretrain.depth / max_seq_len / vocabulary)",
+            "tokenizer_fingerprint": "the tokenizer", "world_size": "the number of workers",
+            "trainer": "the trainer (Ray+DeepSpeed vs bare)"}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise UserError(f"checkpoint {path} cannot be resumed: {what[key]} changed ({meta.get(key)!r} -> "
+                            f"{value!r}); restore the old setting or start a new run.name")
+
+
 def load_training_checkpoint(path: Path, backend, rank: int, world: int, device: str) -> dict:
     """Restore weights, optimizer state, RNG; returns {"step", "cursor"} for this rank."""
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("world_size") != world:
-        raise UserError(f"checkpoint {path} was written by {meta.get('world_size')} workers; resuming with "
-                        f"{world} would change every rank's optimizer and data shard: use "
-                        f"num_workers={meta.get('world_size')} or a new run.name")
     if not set(checkpoint_files(path)) >= {"model.safetensors", f"trainer_rank{rank:03d}.pt"}:
         raise CheckpointError(f"checkpoint {path} lacks the files of rank {rank}")
     backend.model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))

@@ -98,8 +98,6 @@ def run_training(cfg, rank: int, world: int, device: str, use_deepspeed: bool,
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     horizon = plan_horizon(tc, world, num_params, tc.target_param_data_ratio)
-    if tc.sequence_len > tc.max_seq_len:
-        raise UserError(f"pretrain.sequence_len ({tc.sequence_len}) must be <= pretrain.max_seq_len ({tc.max_seq_len})")
     schedule = Schedule(horizon.num_iterations, tc.warmup_ratio, tc.warmdown_ratio, tc.final_lr_frac)
     if use_deepspeed:
         backend = DeepSpeedBackend(model, tc, device, dtype, tc.device_batch_size, horizon.grad_accum_steps)
@@ -110,8 +108,9 @@ def run_training(cfg, rank: int, world: int, device: str, use_deepspeed: bool,
 
     root = checkpoint_dir(stage, cfg.run.name, cfg.run.storage_path)
     start_step, cursor = 0, None
-    resume = checkpointing.latest_training_checkpoint(root)
+    resume = checkpointing.agreed_resume_checkpoint(root, rank, world)
     if resume is not None:
+        checkpointing.check_resumable(resume, model_config, tokenizer, world, backend.kind)
         state = checkpointing.load_training_checkpoint(resume, backend, rank, world, device)
         start_step, cursor = state["step"], state["cursor"]
         log.info(f"resumed from {resume} at step {start_step}")
@@ -154,8 +153,7 @@ def run_training(cfg, rank: int, world: int, device: str, use_deepspeed: bool,
         if rank == 0:
             log.info(f"step {step:05d} | val bpb {bpb:.4f}")
             writer.add_scalar("val/bpb", bpb, step)
-            if tc.sample_every and (step % tc.sample_every == 0 or step == horizon.num_iterations):
-                _log_samples(model, tokenizer, backend, writer, step)
+            _log_samples(model, tokenizer, backend, writer, step)
         return result
 
     def _core(step: int) -> dict:
@@ -202,7 +200,7 @@ def run_training(cfg, rank: int, world: int, device: str, use_deepspeed: bool,
         if last or (tc.save_every and done % tc.save_every == 0):
             meta = {"stage": stage, "config": cfg.to_dict(), "model_config": model_config.to_dict(),
                     "tokenizer_fingerprint": tokenizer.fingerprint(), "metrics": metrics,
-                    "num_params": num_params, "world_size": world}
+                    "num_params": num_params, "world_size": world, "trainer": backend.kind}
             path = checkpointing.save_training_checkpoint(root, done, model, backend, stream.state_dict(),
                                                           meta, rank, world)
             if report is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from raychat.common import LOCAL_RAY_ENV, checkpoint_dir, get_base_dir
+from raychat.common import LOCAL_RAY_ENV, UserError, checkpoint_dir, get_base_dir
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -51,7 +51,12 @@ def fit(cfg, stage: str = "base"):
     from raychat.common import init_ray
 
     tc = cfg.pretrain
-    init_ray()
+    ray = init_ray()
+    if tc.use_gpu and not os.environ.get("RAY_ADDRESS"):   # a local Ray cannot grow: say so instead of hanging
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus < tc.num_workers:
+            raise UserError(f"pretrain needs {tc.num_workers} GPU workers but this machine has {gpus} GPU(s); "
+                            f"use --preset demo, or --set pretrain.use_gpu=false --set pretrain.num_workers=N")
     env_vars = {k: os.environ.get(k, v) for k, v in LOCAL_RAY_ENV.items()}
     env_vars.update({k: os.environ[k] for k in ("RAYCHAT_BASE_DIR", "RAYCHAT_DATA_DIR", "RAYCHAT_LOG_LEVEL")
                      if k in os.environ})
