@@ -71,7 +71,7 @@ def build_generated(total_chars: int, seed: int = 0) -> Path:
     variants = np.array([v for w in words for v in (w, w.capitalize(), w + ",", w + ".", f"{w} {len(w) * 37}")],
                         dtype=object)
     variant_p = np.array([0.82, 0.08, 0.05, 0.04, 0.01])
-    n_words = int(total_chars / 7.0) + 1
+    n_words = int(total_chars / 5.0) + 1  # more than enough: the loop below stops at total_chars
     chosen = rng.choice(len(words), size=n_words, p=p) * 5 + rng.choice(5, size=n_words, p=variant_p)
     tokens = variants[chosen].tolist()
     docs, i, total = [], 0, 0
