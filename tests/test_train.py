@@ -172,3 +172,36 @@ def test_submitting_the_same_run_again_continues_from_its_last_checkpoint(runs):
     assert (root / f"step_{STEPS:06d}" / "meta.json").read_bytes() == before   # continued, not redone
     again = fit(longer, stage="base")   # already complete: returns its final checkpoint at once
     assert again.metrics["step"] == STEPS + 3 and again.checkpoint.path.endswith(f"step_{STEPS + 3:06d}")
+
+
+def test_worker_failures_become_one_line():
+    from ray.train import WorkerGroupError
+
+    from raychat.train.pretrain import failure_summary
+    wrapped = RuntimeError("wrapper")
+    wrapped.__cause__ = UserError("checkpoint x cannot be resumed: the tokenizer changed")
+    assert failure_summary(WorkerGroupError("...", {1: wrapped})) == \
+        "rank 1: checkpoint x cannot be resumed: the tokenizer changed"
+    crash = RuntimeError("Traceback (most recent call last):\n  File ...\nValueError: boom\n")
+    assert failure_summary(WorkerGroupError("...", {0: crash})) == "rank 0: ValueError: boom"
+
+
+def test_train_base_user_mistakes_are_one_line(tmp_path, tokenizer):
+    import subprocess
+    import sys
+    env = {**__import__("os").environ, "RAYCHAT_BASE_DIR": str(tmp_path)}
+
+    def train(*args):
+        out = subprocess.run([sys.executable, "-m", "raychat.cli", "train", "base", *args], env=env,
+                             capture_output=True, text=True, timeout=300)
+        return out.returncode, out.stderr.strip().splitlines()
+
+    code, lines = train("--preset", "demo")
+    assert code == 2 and lines[-1].startswith("raychat: error: no tokenizer at") and "Traceback" not in "".join(lines)
+    tokenizer.save(tmp_path / "tokenizer")
+    code, lines = train("--preset", "demo", "--set", "pretrain.total_batch_size=1000")
+    assert code == 2 and "must be a multiple of device_batch_size x sequence_len" in lines[-1]
+    code, lines = train("--preset", "d20", "--set", "pretrain.depth=2", "--set", "pretrain.max_seq_len=256",
+                        "--set", "pretrain.sequence_len=256", "--set", "pretrain.device_batch_size=8",
+                        "--set", "pretrain.total_batch_size=16384")
+    assert code == 2 and "pretrain needs 8 GPU workers but this machine has 0 GPU(s)" in lines[-1], lines
