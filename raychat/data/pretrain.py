@@ -39,6 +39,7 @@ from raychat.common import UserError
 from raychat.data.fineweb import open_shard, shard_paths
 
 CURSOR_VERSION = 1
+MIN_ITEMS_PER_PIPELINE = 64   # row-group slices per Ray Data pipeline (several epochs of a tiny corpus)
 
 
 # ------------------------------------------------------------------------------- which documents
@@ -59,16 +60,19 @@ class DocumentPlan:
         self.unit_starts = np.cumsum([0] + [stop - start for _, _, start, stop in self.units]).tolist()
         self.docs_per_epoch = self.unit_starts[-1]
 
-    def work_items(self, seq: int) -> list[dict]:
-        """Read tasks from document `seq` to the end of its epoch, one per row-group slice."""
+    def work_items(self, seq: int, max_docs: int) -> list[dict]:
+        """Read+tokenize tasks from document `seq` to the end of its epoch: row-group slices cut into
+        pieces of at most `max_docs` documents (small tasks: the first batch comes early, work spreads)."""
         epoch, k = divmod(seq, self.docs_per_epoch)
         first = bisect.bisect_right(self.unit_starts, k) - 1
         items = []
         for u in range(first, len(self.units)):
             index, group, start, stop = self.units[u]
             skip = k - self.unit_starts[u] if u == first else 0
-            items.append({"path": self.paths[index], "row_group": group, "start": start + skip, "stop": stop,
-                          "first_seq": epoch * self.docs_per_epoch + self.unit_starts[u] + skip})
+            for piece in range(start + skip, stop, max_docs):
+                items.append({"path": self.paths[index], "row_group": group, "start": piece,
+                              "stop": min(piece + max_docs, stop),
+                              "first_seq": epoch * self.docs_per_epoch + self.unit_starts[u] + piece - start})
         return items
 
     def items_for(self, seqs) -> list[dict]:
@@ -128,23 +132,30 @@ def _table_documents(table) -> Iterator[tuple[int, np.ndarray]]:
         yield int(seq), values[offsets[i]:offsets[i + 1]]
 
 
-def _local_documents(items, tokenizer_blob, bos, batch_size) -> Iterator[tuple[int, np.ndarray]]:
-    """The same read -> tokenize steps in this process, in order (use_ray=False, cursor restore)."""
+def _local_documents(items, tokenizer_blob, bos) -> Iterator[tuple[int, np.ndarray]]:
+    """The same read -> tokenize steps in this process, in order (use_ray=False)."""
     import pyarrow as pa
     for item in items:
-        texts = read_documents(pa.Table.from_pylist([item]))
-        for start in range(0, texts.num_rows, batch_size):
-            yield from _table_documents(tokenize_documents(texts.slice(start, batch_size), tokenizer_blob, bos))
+        yield from _table_documents(tokenize_documents(read_documents(pa.Table.from_pylist([item])),
+                                                       tokenizer_blob, bos))
 
 
-def _ray_documents(items, tokenizer_blob, bos, batch_size, prefetch) -> Iterator[tuple[int, np.ndarray]]:
-    """Ray Data: one read task per row-group slice, tokenized in map_batches, delivered in order."""
+def _ray_documents(items, tokenizer_blob, bos, prefetch, tasks, buffer_mb) -> Iterator[tuple[int, np.ndarray]]:
+    """Ray Data: read each work item, tokenize it in map_batches, deliver the documents in order.
+
+    Both steps take whole blocks (one work item each): a row batch size on the tokenize step would make
+    Ray Data bundle that many work items into one task. At most `tasks` run at once per rank, and at most
+    `buffer_mb` of tokenized blocks wait in the object store: ordered delivery waits for the oldest task,
+    and an unbounded pipeline would tokenize far ahead of training, taking CPU from the training step."""
     import ray.data
+    pool = ray.data.TaskPoolStrategy(size=tasks)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_documents, batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(tokenize_documents, batch_size=batch_size, batch_format="pyarrow",
+    ds = ds.map_batches(read_documents, batch_size=None, batch_format="pyarrow", compute=pool)
+    ds = ds.map_batches(tokenize_documents, batch_size=None, batch_format="pyarrow", compute=pool,
                         fn_kwargs={"tokenizer_blob": tokenizer_blob, "bos": bos})
     ds.context.execution_options.preserve_order = True   # the packer needs documents in seq order
+    ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=buffer_mb * 2**20)
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch):
         yield from _table_documents(table)
 
@@ -264,28 +275,35 @@ class _Producer:
     """
 
     def __init__(self, plan: DocumentPlan, split: str, mode: str, batch_size: int, seq_len: int, buffer_docs: int,
-                 tokenizer_blob: bytes, bos: int, tokenizer_batch_size: int, prefetch: int, use_ray: bool):
+                 tokenizer_blob: bytes, bos: int, tokenizer_batch_size: int, prefetch: int, use_ray: bool,
+                 tasks: int, buffer_mb: int):
         self.plan, self.split, self.mode = plan, split, mode
         self.batch_size, self.seq_len, self.buffer_docs = batch_size, seq_len, buffer_docs
         self.tokenizer_blob, self.bos, self.tokenizer_batch_size = tokenizer_blob, bos, tokenizer_batch_size
-        self.prefetch, self.use_ray = prefetch, use_ray
+        self.prefetch, self.use_ray, self.tasks, self.buffer_mb = prefetch, use_ray, tasks, buffer_mb
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
     def documents(self, start_seq: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Documents from `start_seq` on: one pipeline per epoch; train wraps forever, val stops."""
-        seq = start_seq
+        """Documents from `start_seq` on; train wraps forever, val stops after one pass.
+
+        Each pipeline covers the rest of an epoch; a small corpus (few row groups) gets several epochs per
+        pipeline, so that starting a pipeline (~0.5 s) is not paid every few hundred documents."""
+        seq, per_epoch = start_seq, self.plan.docs_per_epoch
         while True:
-            if self.split == "val" and seq >= self.plan.docs_per_epoch:
+            if self.split == "val" and seq >= per_epoch:
                 return
-            items = self.plan.work_items(seq)
+            items = self.plan.work_items(seq, self.tokenizer_batch_size)
+            seq = (seq // per_epoch + 1) * per_epoch
+            while self.split == "train" and len(items) < MIN_ITEMS_PER_PIPELINE:
+                items += self.plan.work_items(seq, self.tokenizer_batch_size)
+                seq += per_epoch
             if self.use_ray:
-                yield from _ray_documents(items, self.tokenizer_blob, self.bos, self.tokenizer_batch_size,
-                                          self.prefetch)
+                yield from _ray_documents(items, self.tokenizer_blob, self.bos, self.prefetch, self.tasks,
+                                          self.buffer_mb)
             else:
-                yield from _local_documents(items, self.tokenizer_blob, self.bos, self.tokenizer_batch_size)
-            seq = (seq // self.plan.docs_per_epoch + 1) * self.plan.docs_per_epoch
+                yield from _local_documents(items, self.tokenizer_blob, self.bos)
 
     def restore(self, position: dict) -> _Packer:
         """A packer in the state the cursor describes: its buffered documents re-read and re-tokenized."""
@@ -370,7 +388,7 @@ class PretrainStream:
                             f"fewer documents per row group than there are ranks")
         producer = _Producer(self.plan, split, self.mode, batch_size, seq_len, cfg.data.buffer_docs,
                              pickle.dumps(tokenizer), tokenizer.get_bos_token_id(), cfg.data.tokenizer_batch_size,
-                             cfg.data.prefetch_batches, use_ray)
+                             cfg.data.prefetch_batches, use_ray, cfg.data.tasks_per_rank, cfg.data.buffer_mb)
         position = cursor or {"next_seq": 0, "offset": 0, "buffer": []}
         self._cursor = self._full_cursor(position)
         self._cropped, self._packed = 0, 0

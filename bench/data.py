@@ -1,0 +1,186 @@
+"""Pretraining data benchmark: does the token stream keep up?
+
+    RAYCHAT_DATA_DIR=../shared/data flock /tmp/raychat_cpu.lock python bench/data.py [--repeats 3]
+
+1. Throughput: tokens/s that the Ray Data stream (`PretrainStream`, use_ray=True) delivers to 2 consumers
+   (2 Ray actors, ranks 0 and 1 of 2, as the train workers are), reading 6 epochs of the train shards,
+   vs the raw tiktoken encode rate on the same documents in one process (`tokenizer.encode(docs)`, the
+   tokenizer's own threads). The plain iterator (use_ray=False) in the same 2 actors is shown too.
+2. Does data stall training: time per optimizer step of the shared train step (raychat/train/step.py,
+   TorchBackend) at the demo config, fed by the real stream vs by synthetic in-memory batches
+   (ratio; target <= 1.05).
+
+Packing is `concat` for (1) so that every tokenized token is delivered (best-fit would drop the cropped
+tokens, which is a property of the data, not of the stream). Best of --repeats runs for every number.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+EPOCHS = 6   # several epochs: start-up is reported apart, and epoch boundaries are crossed
+
+
+@ray.remote(num_cpus=0.5)
+class Consumer:
+    """Stands in for a train worker: pulls batches from its rank's stream for EPOCHS epochs."""
+
+    def __init__(self):
+        import ray.data  # noqa: F401  (a train worker has these imported before its stream starts)
+
+        import raychat.data.pretrain  # noqa: F401
+
+    def run(self, cfg_dict, tokenizer, rank, world, use_ray):
+        from raychat.config import Config
+        from raychat.data.pretrain import PretrainStream
+        cfg = Config.from_dict(cfg_dict)
+        t0 = time.perf_counter()
+        tokens = 0
+        with PretrainStream(cfg, tokenizer, "train", cfg.pretrain.device_batch_size, cfg.pretrain.sequence_len,
+                            rank=rank, world_size=world, use_ray=use_ray) as stream:
+            inputs, _ = next(stream)
+            t_first, first_tokens = time.perf_counter(), inputs.numel() + inputs.shape[0]
+            while stream.state_dict()["epoch"] < EPOCHS:
+                inputs, targets = next(stream)
+                tokens += inputs.numel() + inputs.shape[0]   # rows of T+1 tokens
+        return first_tokens + tokens, tokens, t0, t_first, time.perf_counter()
+
+
+def stream_rate(cfg, tokenizer, use_ray: bool) -> tuple[float, float]:
+    """(tokens/s from creating the streams to the end, seconds to the first batch (the slower consumer))."""
+    consumers = [Consumer.remote() for _ in range(2)]
+    ray.get([c.__ray_ready__.remote() for c in consumers])
+    results = ray.get([c.run.remote(cfg.to_dict(), tokenizer, rank, 2, use_ray) for rank, c in enumerate(consumers)])
+    for c in consumers:
+        ray.kill(c)
+    end = max(r[4] for r in results)
+    overall = sum(r[0] for r in results) / (end - min(r[2] for r in results))
+    first = max(r[3] - r[2] for r in results)
+    return overall, first
+
+
+def encode_rate(tokenizer, docs) -> float:
+    t0 = time.perf_counter()
+    tokens = 0
+    for _ in range(EPOCHS):
+        tokens += sum(map(len, tokenizer.encode(docs, prepend=tokenizer.get_bos_token_id())))
+    return tokens / (time.perf_counter() - t0)
+
+
+def step_time(cfg, tokenizer, source: str, steps: int) -> float:
+    """Mean seconds per optimizer step (after 2 warm-up steps) with batches from `source`."""
+    from raychat.data.pretrain import PretrainStream
+    from raychat.model import GPTConfig, build_model
+    from raychat.train.backend import TorchBackend
+    from raychat.train.loop import plan_horizon
+    from raychat.train.step import Schedule, train_step
+
+    tc = cfg.pretrain
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(depth=tc.depth, vocab_size=tokenizer.get_vocab_size(),
+                                  sequence_len=tc.max_seq_len), "cpu")
+    backend = TorchBackend(model, tc, "cpu", "fp32")
+    horizon = plan_horizon(tc, 1)
+    schedule = Schedule(steps + 2, tc.warmup_ratio, tc.warmdown_ratio, tc.final_lr_frac)
+    stream = None
+    if source == "synthetic":
+        g = torch.Generator().manual_seed(0)
+        rows = [torch.randint(0, tokenizer.get_vocab_size(), (tc.device_batch_size, tc.sequence_len + 1),
+                              generator=g) for _ in range(horizon.grad_accum_steps)]
+        batches = itertools.cycle([(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows])
+    else:
+        stream = PretrainStream(cfg, tokenizer, "train", tc.device_batch_size, tc.sequence_len,
+                                use_ray=source == "ray")
+        batches = iter(stream)
+    for step in range(2):
+        train_step(backend, batches, step, schedule, horizon.grad_accum_steps)
+    t0 = time.perf_counter()
+    for step in range(2, steps + 2):
+        train_step(backend, batches, step, schedule, horizon.grad_accum_steps)
+    seconds = (time.perf_counter() - t0) / steps
+    if stream is not None:
+        stream.close()
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run in part 2")
+    parser.add_argument("--part", type=int, choices=(1, 2), default=None, help="run only part 1 or 2")
+    args = parser.parse_args()
+    if not os.environ.get("RAYCHAT_DATA_DIR"):
+        sys.exit("set RAYCHAT_DATA_DIR to the offline datasets (shared/data)")
+    os.environ["RAYCHAT_BASE_DIR"] = tempfile.mkdtemp(prefix="raychat_bench_data_")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    from raychat.common import init_ray
+    from raychat.config import load_config
+    from raychat.data.fineweb import iter_documents, shard_paths
+    from raychat.tokenizer import RustBPETokenizer
+
+    cfg = load_config("demo", ["data.packing=concat"])
+    docs = list(iter_documents(shard_paths(cfg, "train")))
+    t0 = time.perf_counter()
+    tokenizer = RustBPETokenizer.train_from_iterator((d[:10_000] for d in docs[:600]), cfg.tokenizer.vocab_size)
+    print(f"{len(docs)} train documents, {sum(map(len, docs)) / 1e6:.1f} M chars; demo tokenizer "
+          f"(vocab {tokenizer.get_vocab_size()}) trained in {time.perf_counter() - t0:.1f}s", flush=True)
+    init_ray(num_cpus=4)
+
+    # ---------------------------------------------------------------- 1. throughput
+    raw, via_ray, plain = [], [], []
+    for i in range(args.repeats if args.part != 2 else 0):
+        raw.append(encode_rate(tokenizer, docs))
+        via_ray.append(stream_rate(cfg, tokenizer, use_ray=True))
+        plain.append(stream_rate(cfg, tokenizer, use_ray=False))
+        print(f"repeat {i}: encode {raw[-1]:,.0f} tok/s | Ray Data stream -> 2 consumers {via_ray[-1][0]:,.0f} "
+              f"tok/s (first batch {via_ray[-1][1]:.2f}s) | plain iterator -> 2 consumers {plain[-1][0]:,.0f} "
+              f"tok/s (first batch {plain[-1][1]:.2f}s)", flush=True)
+    best_raw = max(raw) if raw else None
+    if best_raw:
+        print(f"\n== 1. throughput: {EPOCHS} epochs of the train shards ({cfg.data.packing}), 2 consumers, "
+              f"best of {args.repeats}")
+        print(f"raw tiktoken encode, 1 process:  {best_raw:12,.0f} tok/s")
+        for name, rates in (("Ray Data stream", via_ray), ("plain iterator ", plain)):
+            overall, first = max(r[0] for r in rates), min(r[1] for r in rates)
+            print(f"{name}, 2 consumers: {overall:12,.0f} tok/s, start-up included   ratio {overall / best_raw:.2f}"
+                  f"   (first batch after {first:.2f}s)")
+    if args.part == 1:
+        ray.shutdown()
+        return 0
+
+    # ---------------------------------------------------------------- 2. step time
+    tc = cfg.pretrain
+    print(f"\n== 2. step time at the demo config: depth {tc.depth}, {tc.device_batch_size}x{tc.sequence_len} "
+          f"micro-batches, {tc.total_batch_size} tokens/step, 1 process, {torch.get_num_threads()} threads, "
+          f"best of {args.repeats} x {args.steps} steps")
+    times = {"synthetic": [], "plain": [], "ray": []}
+    for packing in ("concat", "bos_bestfit"):
+        cfg.data.packing = packing
+        times = {"synthetic": [], "plain": [], "ray": []}
+        for i in range(args.repeats):
+            for source in times:
+                times[source].append(step_time(cfg, tokenizer, source, args.steps))
+        best = {k: min(v) for k, v in times.items()}
+        print(f"packing {packing:12s} synthetic {best['synthetic'] * 1000:7.1f} ms/step | "
+              f"real stream (plain) {best['plain'] * 1000:7.1f} ms/step, ratio {best['plain'] / best['synthetic']:.3f} | "
+              f"real stream (Ray Data) {best['ray'] * 1000:7.1f} ms/step, ratio {best['ray'] / best['synthetic']:.3f}"
+              f"  (target <= 1.05)", flush=True)
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
