@@ -149,6 +149,7 @@ def test_val_is_one_deterministic_pass(cfg, tokenizer):
 
 
 def test_cursor_mismatches_are_refused(cfg, tokenizer):
+    cfg.data.packing = "bos_bestfit"
     with PretrainStream(cfg, tokenizer, "train", B, T, rank=0, world_size=2, use_ray=False) as stream:
         next(stream)
         cursor = stream.state_dict()
