@@ -157,20 +157,25 @@ class RustBPETokenizer:
     def __init__(self, merges: list[tuple[int, int]], pattern: str = SPLIT_PATTERN, name: str = "raychat"):
         self.merges = [(int(a), int(b)) for a, b in merges]
         self.pattern = pattern
-        tokens = _token_bytes_from_merges(self.merges)
-        self._tokens = tokens
+        self.name = name
+        self._tokens = _token_bytes_from_merges(self.merges)
+        n = len(self._tokens)
+        self.special_tokens = {name_: n + i for i, name_ in enumerate(SPECIAL_TOKENS)}
+        self.train_stats: dict = {}
+
+    @cached_property
+    def enc(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding that does all encoding and decoding (built on first use: training and
+        saving do not need it)."""
         ranks = {}
-        for rank, token in enumerate(tokens):
+        for rank, token in enumerate(self._tokens):
             # the same bytes can in principle be learned twice (from two different splits); tiktoken keeps
             # the first (lowest) rank, which is the one BPE reaches first anyway
             ranks.setdefault(token, rank)
-        if len(ranks) != len(tokens):
-            log.warning("tokenizer: %d merges repeat an earlier token's bytes", len(tokens) - len(ranks))
-        n = len(tokens)
-        self.special_tokens = {name_: n + i for i, name_ in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
-                                     special_tokens=self.special_tokens, explicit_n_vocab=None)
-        self.train_stats: dict = {}
+        if len(ranks) != len(self._tokens):
+            log.warning("tokenizer: %d merges repeat an earlier token's bytes", len(self._tokens) - len(ranks))
+        return tiktoken.Encoding(name=self.name, pat_str=self.pattern, mergeable_ranks=ranks,
+                                 special_tokens=self.special_tokens)
 
     # ---------------------------------------------------------------------------- training / storage
     @classmethod
@@ -231,7 +236,7 @@ class RustBPETokenizer:
 
     # ----------------------------------------------------------------------------------- encoding
     def get_vocab_size(self) -> int:
-        return self.enc.n_vocab
+        return len(self._tokens) + len(SPECIAL_TOKENS)
 
     def get_special_tokens(self) -> list[str]:
         return list(SPECIAL_TOKENS)

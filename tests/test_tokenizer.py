@@ -182,3 +182,12 @@ def test_round_trip_arbitrary_unicode(tokenizer):
     texts = TORTURE + [random_text(rng, rng.randrange(0, 80)) for _ in range(500)]
     for text, ids in zip(texts, tokenizer.encode(texts, num_threads=2)):
         assert tokenizer.decode(ids) == text
+
+
+def test_pickles_for_ray_workers(tokenizer):
+    import pickle
+    text = "Ray ships the tokenizer to its workers."
+    for fresh in (RustBPETokenizer(tokenizer.merges), tokenizer):  # before and after the tiktoken Encoding exists
+        clone = pickle.loads(pickle.dumps(fresh))
+        assert clone.encode(text) == tokenizer.encode(text)
+        assert clone.fingerprint() == tokenizer.fingerprint()
