@@ -11,8 +11,9 @@ Two corpora, documents cropped to 10,000 characters:
 
 Every trainer learns the same number of merges (vocab 32,768 and 65,536 for raychat = vocab - 9 for the
 others, which have no special tokens) from the same Python list of strings, each run in a fresh process;
-the time is the best of --repeats runs of the training call alone, peak memory is the process's peak RSS
-(corpus included, the same for all). Bytes/token is measured on the validation shard. Finally the encode
+the time is the best of --repeats runs of the training call alone (raychat builds its tiktoken Encoding
+on first use, as nanochat builds one from rustbpe's ranks after training: neither is timed), peak memory
+is the process's peak RSS (corpus included, the same for all). Bytes/token is measured on the validation shard. Finally the encode
 throughput of the tiktoken path (what the pretraining data pipeline uses) is measured.
 """
 from __future__ import annotations
