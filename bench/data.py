@@ -157,9 +157,10 @@ def main() -> int:
             overall, first = max(r[0] for r in rates), min(r[1] for r in rates)
             print(f"{name}, 2 consumers: {overall:12,.0f} tok/s, start-up included   ratio {overall / best_raw:.2f}"
                   f"   (first batch after {first:.2f}s)")
+    ray.shutdown()
     if args.part == 1:
-        ray.shutdown()
         return 0
+    init_ray(num_cpus=4)   # a fresh Ray: part 1's actors and worker pool must not weigh on part 2
 
     # ---------------------------------------------------------------- 2. step time
     tc = cfg.pretrain

@@ -39,7 +39,7 @@ from raychat.common import UserError
 from raychat.data.fineweb import open_shard, shard_paths
 
 CURSOR_VERSION = 1
-MIN_ITEMS_PER_PIPELINE = 64   # row-group slices per Ray Data pipeline (several epochs of a tiny corpus)
+MIN_ITEMS_PER_PIPELINE = 64   # work items per Ray Data pipeline: a tiny corpus gets several epochs in one
 
 
 # ------------------------------------------------------------------------------- which documents
