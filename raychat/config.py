@@ -284,6 +284,10 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
     return str(value)
 
 
+def _fmt(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
 def _check_range(name: str, f: dataclasses.Field, value: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
@@ -291,9 +295,9 @@ def _check_range(name: str, f: dataclasses.Field, value: Any) -> None:
     if choices is not None and value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got '{value}'")
     if lo is not None and value < lo:
-        raise ConfigError(f"{name} must be >= {lo:g}{f' and <= {hi:g}' if hi is not None else ''}, got {value}")
+        raise ConfigError(f"{name} must be >= {_fmt(lo)}{f' and <= {_fmt(hi)}' if hi is not None else ''}, got {value}")
     if hi is not None and value > hi:
-        raise ConfigError(f"{name} must be <= {hi:g}{f' and >= {lo:g}' if lo is not None else ''}, got {value}")
+        raise ConfigError(f"{name} must be <= {_fmt(hi)}{f' and >= {_fmt(lo)}' if lo is not None else ''}, got {value}")
 
 
 # -------------------------------------------------------------------------------------------- presets

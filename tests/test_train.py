@@ -83,36 +83,53 @@ def test_validation_bpb_goes_down(runs, tokenizer):
 
 
 def test_deepspeed_matches_single_process_reference(runs, tokenizer):
-    """3 steps on 2 DeepSpeed workers (2 accumulated micro-batches each, warming-up LR) == 3 steps of the same
-    optimizer in ONE process that accumulates both ranks' micro-batches (the same mean gradient)."""
+    """3 steps on 2 DeepSpeed workers (2 accumulated micro-batches each, warming-up LR) == 3 steps of the
+    single-process optimizer (the same AdamW + Muon) given the same mean gradient, in fp32.
+
+    The reference adds the per-rank, per-micro-batch gradients in the order the distributed run does (ZeRO-2
+    reduces the AdamW gradients at every micro-batch; Muon's are accumulated locally, then averaged), so fp32
+    rounding is the same: with another summation order, Adam's eps=1e-10 turns rounding into ~1e-4
+    differences on embedding rows whose gradient is near zero, which says nothing about parity."""
     from raychat.data.pretrain import PretrainStream
     from raychat.model import GPTConfig, build_model
+    from raychat.optim import muon_momentum
     from raychat.train.backend import TorchBackend
-    from raychat.train.step import Schedule, train_step
+    from raychat.train.step import Schedule
     cfg, root, _ = runs["clean"]
     torch.manual_seed(cfg.run.seed)
     model = build_model(GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=64))
     streams = [iter(PretrainStream(cfg, tokenizer, "train", 4, 64, rank=r, world_size=2, use_ray=False)) for r in (0, 1)]
-
-    def both_ranks():
-        while True:
-            for stream in streams:
-                yield next(stream)
-                yield next(stream)
-
     backend = TorchBackend(model, cfg.pretrain, "cpu", "fp32")   # world size 1: plain AdamW + Muon
     schedule = Schedule(STEPS, cfg.pretrain.warmup_ratio, cfg.pretrain.warmdown_ratio, cfg.pretrain.final_lr_frac)
-    batches = both_ranks()
+    params = list(model.parameters())
+    adamw = {id(p) for group in backend.adamw.param_groups for p in group["params"]}
+    lr_mults = set()
     for step in range(SAVE_EVERY):
-        train_step(backend, batches, step, schedule, grad_accum_steps=4)
+        backend.set_hyperparameters(schedule.lr_mult(step), muon_momentum(step))
+        lr_mults.add(schedule.lr_mult(step))
+        g = [[None, None], [None, None]]   # g[rank][micro-batch]: gradients of loss / grad_accum_steps
+        for rank, stream in enumerate(streams):
+            for micro in range(2):
+                inputs, targets = next(stream)
+                (model(inputs, targets) / 2).backward()
+                g[rank][micro] = [p.grad.clone() for p in params]
+                model.zero_grad(set_to_none=True)
+        for i, p in enumerate(params):
+            if id(p) in adamw:   # DeepSpeed ZeRO-2: mean over ranks at every micro-batch, then accumulated
+                p.grad = (g[0][0][i] + g[1][0][i]) / 2 + (g[0][1][i] + g[1][1][i]) / 2
+            else:                # Muon: accumulated on each rank, then the mean over ranks
+                p.grad = ((g[0][0][i] + g[0][1][i]) + (g[1][0][i] + g[1][1][i])) / 2
+        backend.adamw.step()
+        backend.muon.step()
+        model.zero_grad(set_to_none=True)
+    assert len(lr_mults) == SAVE_EVERY   # the learning rate changed at every compared step
     distributed = load_file(str(root / f"step_{SAVE_EVERY:06d}" / "model.safetensors"))
     torch.manual_seed(cfg.run.seed)
     initial = build_model(GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=64))
     for name, ref in model.state_dict().items():
         rel = (distributed[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
         assert rel <= 1e-5, f"{name}: relative difference {rel:.2e}"
-    assert not torch.equal(distributed["transformer.h.0.attn.c_q.weight"],
-                           initial.state_dict()["transformer.h.0.attn.c_q.weight"])
+        assert not torch.equal(ref, initial.state_dict()[name]) or name == "transformer.wte.weight"
 
 
 def test_killed_worker_restarts_and_ends_exactly_like_the_clean_run(runs):
