@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from raychat.common import UserError, checkpoint_dir, get_logger, tokenizer_dir
+from raychat.common import (UserError, checkpoint_dir, fsync_dir, fsync_file, get_logger,  # noqa: F401
+                            replace_directory, tokenizer_dir)
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -49,20 +50,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_meta(directory: Path, meta: dict) -> dict:
@@ -119,19 +106,6 @@ def verify_checkpoint(directory: Path, files: list[str] | None = None) -> None:
             raise CheckpointError(f"{path} is missing")
         if sha256_file(path) != listed[name]:
             raise CheckpointError(f"{path} is corrupt (sha256 differs from {META_FILE})")
-
-
-def replace_directory(tmp: Path, final: Path) -> None:
-    """Rename the complete directory `tmp` to `final`. An existing `final` (re-saving a step) is moved
-    aside first and dropped only after the rename, so there is always one complete copy on disk."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 @contextlib.contextmanager

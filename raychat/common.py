@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -52,6 +55,55 @@ def get_data_dir(subdir: str = "") -> Path | None:
     if not path.exists():
         raise UserError(f"RAYCHAT_DATA_DIR is set but {path} does not exist")
     return path
+
+
+# ------------------------------------------------------------------------------------- atomic writes
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file so that readers see the old content or the new, never a part: temp file in the same
+    directory, fsync, rename, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename the complete directory `tmp` to `final`. An existing `final` is moved aside first and
+    dropped only after the rename, so there is always one complete copy on disk."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_dir(tmp)
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 # ------------------------------------------------------------------------------------------- devices

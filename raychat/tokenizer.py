@@ -22,7 +22,7 @@ from typing import Iterable
 
 import tiktoken
 
-from raychat.common import UserError, get_logger, tokenizer_dir
+from raychat.common import UserError, atomic_write, fsync_file, get_logger, replace_directory, tokenizer_dir
 
 # GPT-4's split pattern, with numbers grouped by 1-2 digits instead of 1-3 (nanochat: better for small vocabularies)
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -224,11 +224,11 @@ class RustBPETokenizer:
             meta = {"version": FORMAT_VERSION, "pattern": self.pattern, "special_tokens": SPECIAL_TOKENS,
                     "vocab_size": self.get_vocab_size(), "fingerprint": self.fingerprint(),
                     "merges": self.merges}
-            _write_file(tmp / BPE_FILE, json.dumps(meta, separators=(",", ":")).encode())
+            atomic_write(tmp / BPE_FILE, json.dumps(meta, separators=(",", ":")).encode())
             torch.save(self.token_bytes, tmp / TOKEN_BYTES_FILE)
-            _fsync_file(tmp / TOKEN_BYTES_FILE)
+            fsync_file(tmp / TOKEN_BYTES_FILE)
             self.export_hf(tmp / HF_FILE)
-            _replace_dir(tmp, directory)
+            replace_directory(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -370,7 +370,7 @@ class RustBPETokenizer:
             if tok.token_to_id(name) != token_id:
                 raise RuntimeError(f"HF export: {name} got id {tok.token_to_id(name)}, expected {token_id}")
         path = Path(path)
-        _write_file(path, tok.to_str().encode())
+        atomic_write(path, tok.to_str().encode())
         return path
 
 
@@ -452,48 +452,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + extra)
             extra += 1
     return mapping
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Atomic write: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put the finished directory `new` at `target`; an old `target` is moved aside first, then removed."""
-    dir_fd = os.open(new, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
-        os.replace(target, old)
-    os.replace(new, target)
-    parent_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(parent_fd)
-    finally:
-        os.close(parent_fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def get_tokenizer(directory: str | os.PathLike | None = None) -> RustBPETokenizer:

@@ -7,8 +7,8 @@ import socket
 import time
 from typing import Iterable, Iterator
 
-from raychat.common import UserError, print0, report_dir, tokenizer_dir
-from raychat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, _write_file, get_tokenizer
+from raychat.common import UserError, atomic_write, print0, report_dir, tokenizer_dir
+from raychat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, get_tokenizer
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 VAL_CHARS = 2_000_000  # characters of the validation shard for bytes/token (enough for 3 significant digits)
@@ -98,7 +98,7 @@ def train_main(cfg, args) -> int:
     }
     report = report_dir()
     report.mkdir(parents=True, exist_ok=True)
-    _write_file(report / "tokenizer.json", json.dumps(stats, indent=2).encode())
+    atomic_write(report / "tokenizer.json", json.dumps(stats, indent=2).encode())
     print0(f"tokenizer: {stats['vocab_size']:,} tokens from {texts.chars:,} characters in {train_seconds:.2f}s; "
            f"validation bytes/token {stats['val_bytes_per_token']:.3f}; saved to {directory}")
     return 0
@@ -199,6 +199,6 @@ def eval_main(cfg, args) -> int:
         print0(f"{kind:<14}" + "".join(f"{row[n]:>12.3f}" for n in names) + ratios)
     report = report_dir()
     report.mkdir(parents=True, exist_ok=True)
-    _write_file(report / "tokenizer_eval.json",
+    atomic_write(report / "tokenizer_eval.json",
                 json.dumps({"vocab_size": tokenizer.get_vocab_size(), "bytes_per_token": table}, indent=2).encode())
     return 0

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
-from raychat.common import UserError, base_data_dir, get_data_dir, get_logger
+from raychat.common import UserError, base_data_dir, fsync_dir, fsync_file, get_data_dir, get_logger
 
 CHARS_PER_SHARD = 250_000_000   # nanochat's shards hold ~250 M characters each
 SHARD_MARGIN = 1.1              # fetch 10% more than the budget needs (nanochat: 240 shards for d20's ~216)
@@ -210,7 +210,9 @@ def _download_one(session, url: str, path: Path, retries: int, backoff_s: float,
             part.unlink(missing_ok=True)
             last_error = "downloaded file is not a parquet file with a 'text' column"
             continue
-        _fsync_and_rename(part, path)
+        fsync_file(part)
+        os.replace(part, path)
+        fsync_dir(path.parent)
         return
     raise UserError(f"could not download {url} after {retries + 1} attempts: {last_error}")
 
@@ -247,17 +249,6 @@ def _fetch_into(session, url: str, part: Path, timeout_s: float) -> None:
     size = part.stat().st_size
     if expected is not None and size != expected:
         raise _Retryable(f"got {size} of {expected} bytes")
-
-
-def _fsync_and_rename(part: Path, path: Path) -> None:
-    with open(part, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(part, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # -------------------------------------------------------------------------------------------- CLI

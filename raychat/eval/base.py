@@ -12,15 +12,13 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import ray
 import torch
 
-from raychat.common import UserError, get_logger, init_ray, report_dir
+from raychat.common import UserError, atomic_write, get_logger, init_ray, report_dir
 from raychat.eval.bpb import bpb_totals, limit_tokens
 from raychat.eval.core import locate_bundle, model_max_seq_len, prepare_all, score_item, summarize, task_result
 from raychat.model import autocast_context
@@ -102,20 +100,6 @@ def evaluate_core_ray(model, tokenizer, cfg, max_per_task: int, num_actors: int,
 
 # --------------------------------------------------------------------------------------------- output
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 CSV_COLUMNS = ["task", "task_type", "num_fewshot", "num_examples", "random_baseline", "accuracy", "centered"]
 
 
@@ -128,8 +112,8 @@ def write_results(results: dict, directory: Path) -> tuple[Path, Path]:
         writer.writerow([label, r["task_type"], r["num_fewshot"], r["num_examples"], r["random_baseline"],
                          f"{r['accuracy']:.6f}", f"{r['centered']:.6f}"])
     csv_path, json_path = directory / "base_eval_core.csv", directory / "base_eval.json"
-    _atomic_write(csv_path, buffer.getvalue())
-    _atomic_write(json_path, json.dumps(results, indent=2) + "\n")
+    atomic_write(csv_path, buffer.getvalue())
+    atomic_write(json_path, json.dumps(results, indent=2) + "\n")
     return csv_path, json_path
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from raychat.checkpoint import CheckpointError, checkpoint_files, latest_checkpoint, replace_directory, write_meta
-from raychat.common import UserError, get_logger
+from raychat.checkpoint import CheckpointError, checkpoint_files, latest_checkpoint, write_meta
+from raychat.common import UserError, get_logger, replace_directory
 
 log = get_logger("raychat.checkpoint")
 

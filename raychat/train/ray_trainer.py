@@ -51,9 +51,9 @@ def fit(cfg, stage: str = "base"):
     from raychat.common import init_ray
 
     tc = cfg.pretrain
-    ray = init_ray()
+    cluster = init_ray()
     if tc.use_gpu and not os.environ.get("RAY_ADDRESS"):   # a local Ray cannot grow: say so instead of hanging
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = int(cluster.cluster_resources().get("GPU", 0))
         if gpus < tc.num_workers:
             raise UserError(f"pretrain needs {tc.num_workers} GPU workers but this machine has {gpus} GPU(s); "
                             f"use --preset demo, or --set pretrain.use_gpu=false --set pretrain.num_workers=N")
