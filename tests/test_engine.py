@@ -3,21 +3,11 @@ import pytest
 import torch
 
 from raychat.engine import Engine, ToolUse, TokenEvent, derive_seed, sample_tokens
-from raychat.model import GPT, GPTConfig, build_model
+from raychat.model import GPTConfig, build_model
+
+from modelkit import random_model
 
 VOCAB = 128
-
-
-def random_model(depth=2, vocab_size=VOCAB, sequence_len=64, seed=0, n_kv_head=None) -> GPT:
-    """A tiny model with every matrix random (nanochat's init zeroes the head: all logits would tie)."""
-    torch.manual_seed(seed)
-    model = build_model(GPTConfig(depth=depth, vocab_size=vocab_size, sequence_len=sequence_len, n_kv_head=n_kv_head))
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.05)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
-        model.lm_head.weight.normal_(0, 0.5)
-    return model.eval()
 
 
 @torch.no_grad()
