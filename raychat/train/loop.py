@@ -82,7 +82,7 @@ def run_training(cfg, rank: int, world: int, device: str, use_deepspeed: bool,
                  report: Callable[[dict, Path | None], None] | None = None, stage: str = "base") -> dict:
     """Pretrain on this rank until the horizon; returns the final metrics."""
     from raychat.data.pretrain import PretrainStream
-    from raychat.eval.bpb import bpb_totals, limit_tokens
+    from raychat.eval.bpb import evaluate_bpb, limit_tokens
     from raychat.model import GPTConfig, build_model
     from raychat.tokenizer import get_tokenizer
     from raychat.train import checkpointing
@@ -144,9 +144,8 @@ def run_training(cfg, rank: int, world: int, device: str, use_deepspeed: bool,
                                         world_size=world, use_ray=False)
             val_batches = list(limit_tokens(val_stream, max(1, tc.eval_tokens // world)))
         with backend.autocast:
-            totals = bpb_totals(model, _to_device(iter(val_batches), device), tokenizer.token_bytes,
-                                distributed=world > 1)
-        bpb = totals["nats"] / (0.6931471805599453 * max(totals["bytes"], 1))
+            bpb = evaluate_bpb(model, _to_device(iter(val_batches), device), tokenizer.token_bytes,
+                               distributed=world > 1)
         result = {"val_bpb": bpb}
         if tc.core_every and (step % tc.core_every == 0 or step == horizon.num_iterations):
             result.update(_core(step))
