@@ -52,15 +52,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_meta(directory: Path, meta: dict) -> dict:
+def write_meta(directory: Path, meta: dict, checksums: dict[str, str] | None = None) -> dict:
     """Checksum and fsync every file under `directory`, then write meta.json (with "files") last,
-    atomically. Returns the meta written."""
+    atomically. Returns the meta written. `checksums` ({relative path: sha256}) are taken as given for
+    the files their writers already hashed (and fsynced): those are not read again."""
     directory = Path(directory)
+    checksums = checksums or {}
     files = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != META_FILE:
-            fsync_file(path)
-            files[path.relative_to(directory).as_posix()] = sha256_file(path)
+            name = path.relative_to(directory).as_posix()
+            if name not in checksums:
+                fsync_file(path)
+            files[name] = checksums.get(name) or sha256_file(path)
     meta = {**meta, "files": files}
     tmp = directory / f".{META_FILE}.tmp"
     with open(tmp, "w") as f:

@@ -23,7 +23,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str, list[tuple[tuple, dict]]]] = {
     ("data", "download"): ("raychat.data.fineweb:download_main", "download FineWeb-EDU shards", [
         (("--num-shards",), {"type": int, "default": None, "help": "train shards (default: from the token budget)"}),
     ]),
-    ("train", "base"): ("raychat.train.pretrain:main", "pretrain the base model on Ray Train + DeepSpeed", []),
+    ("train", "base"): ("raychat.train.launch:train_main", "pretrain the base model on Ray Train + DeepSpeed", []),
     ("eval", "base"): ("raychat.eval.base:main", "bits-per-byte and CORE of a base checkpoint", [
         (("--source",), {"default": "base", "choices": ["base"], "help": "which checkpoint to evaluate"}),
         (("--step",), {"type": int, "default": None, "help": "checkpoint step (default: the latest)"}),

@@ -122,7 +122,7 @@ def resolve_dtype(setting: str, device: str) -> str:
     """'auto' means bf16 on an accelerator, fp32 on CPU (bf16 is ~3x slower on AVX2 CPUs)."""
     if setting != "auto":
         return setting
-    return "bf16" if device == "cuda" else "fp32"
+    return "bf16" if str(device).startswith("cuda") else "fp32"
 
 
 # ------------------------------------------------------------------------------------------- logging
@@ -170,6 +170,10 @@ def print0(*args, **kwargs) -> None:
 
 # Set before Ray starts a local node (ENVIRONMENT.md §0): node on 127.0.0.1 instead of eth0, fast
 # ray.train.report (the 2 s default health check makes each report cost ~1.3 s), quiet Ray Data logs.
+# set in every GPU worker before CUDA starts: the caching allocator grows segments instead of fragmenting
+# (activations of different sizes at every micro-step would otherwise strand GiBs)
+GPU_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
 LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",

@@ -37,6 +37,8 @@ class RunConfig:
     seed: int = opt(42, min=0)
     kill_worker_at_step: int = opt(-1, min=-1, help="fault-tolerance drill: the last worker SIGKILLs itself once "
                                                    "at this step; -1 = off")
+    keep_checkpoints: int = opt(3, min=0, max=100_000, help="newest training checkpoints kept per run, besides the "
+                                                            "final one; 0 = keep every one")
 
 
 @dataclass
@@ -65,6 +67,8 @@ class DataConfig:
     prefetch_batches: int = opt(2, min=1, max=64, help="packed batches prepared ahead of the training step")
     tasks_per_rank: int = opt(4, min=1, max=256, help="concurrent Ray Data read+tokenize tasks per rank")
     buffer_mb: int = opt(256, min=1, help="tokenized data each rank's Ray Data pipeline may hold ahead (MiB)")
+    ray_data: bool = opt(True, help="Ray trainer: read+tokenize in Ray Data tasks; false = in a thread of each "
+                                    "training worker (the bare trainer always does)")
 
 
 @dataclass
@@ -73,11 +77,16 @@ class TrainConfig:
     num_workers: int = opt(8, min=1, help="Ray Train workers (one per GPU)")
     use_gpu: bool = opt(True)
     cpus_per_worker: float = opt(1.0, min=0.0, max=256.0)
+    deepspeed: bool = opt(True, help="Ray trainer: DeepSpeed ZeRO for the AdamW parameters; false = plain torch "
+                                     "with averaged gradients")
     zero_stage: int = opt(2, choices=(1, 2), help="ZeRO-1/2 shard the AdamW state; Muon is raychat's own")
     dtype: str = opt("auto", choices=("auto", "bf16", "fp32"), help="auto = bf16 on GPU, fp32 on CPU")
-    compile: bool = opt(True, help="torch.compile the model (GPU only)")
+    compile: bool = opt(True, help="torch.compile the training step's forward (GPU only; evaluation stays eager)")
     sequence_len: int = opt(2048, min=8, max=65536)
     device_batch_size: int = opt(32, min=1, help="rows per worker per micro-step")
+    memory_split: int = opt(1, min=1, max=1024, help="run each micro-step as this many smaller micro-batches (more "
+                                                     "accumulation, less activation memory); must divide "
+                                                     "device_batch_size")
     total_batch_size: int = opt(524_288, min=1, help="tokens per optimizer step, all workers together")
     num_iterations: int = opt(-1, min=-1, help="-1 = derived from the horizon")
     embedding_lr: float = opt(0.2, min=0.0, max=10.0)
@@ -87,8 +96,7 @@ class TrainConfig:
     warmup_ratio: float = opt(0.0, min=0.0, max=1.0)
     warmdown_ratio: float = opt(0.2, min=0.0, max=1.0)
     final_lr_frac: float = opt(0.0, min=0.0, max=1.0)
-    grad_clip: float = opt(0.0, min=0.0, help="max grad norm of the AdamW parameters (embedding, lm_head); "
-                                               "Muon's orthogonalised update does not scale with the gradient; "
+    grad_clip: float = opt(0.0, min=0.0, help="max global grad norm over all parameters (as nanochat v0); "
                                                "0 = no clipping")
     log_every: int = opt(1, min=1)
     eval_every: int = opt(250, min=0, help="0 = only at the end")

@@ -73,15 +73,26 @@ class GPTConfig:
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMSNorm."""
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm, in the input's dtype (autocast may compute it in fp32: the result is cast
+    back, so a bf16 residual stream stays bf16 and nothing fp32 is kept for backward)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dimension. x: (B, T, H, D); cos/sin: (B|1, T, 1, D/2)."""
+    """Rotate pairs (first half, second half) of the head dimension. x: (B, T, H, D); cos/sin: (B|1, T, 1, D/2).
+    Computed in x's dtype (bf16 under autocast, as nanochat), so no fp32 copy of q and k is made."""
     half = x.size(-1) // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in here: autocast's when it is on for t's device, else t's own."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
 
 
 def autocast_context(device: str | torch.device):
@@ -183,6 +194,106 @@ class KVCache:
         for row in range(self.row_start, self.row_stop):
             self.lengths[row] += num_tokens
         self._positions = self._attend = None
+
+
+# ------------------------------------------------------------------------------------------------- loss
+
+LOSS_CHUNK_ELEMENTS = 2**28   # logits the loss holds at once (1 GiB in fp32): 4,096 rows at vocab 65,536
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor):
+    """For one chunk of raw logits (n, V): sum_i w_i * CE(softcap(logits_i), t_i), and its gradient with
+    respect to the raw logits, in the logits' dtype. Targets of -1 must carry weight 0."""
+    capped = LOGIT_SOFTCAP * torch.tanh(logits.to(_at_least_fp32(logits.dtype)) / LOGIT_SOFTCAP)
+    lse = torch.logsumexp(capped, dim=-1)
+    safe = targets.clamp(min=0)[:, None]
+    loss = ((lse - capped.gather(1, safe).squeeze(1)) * token_weights).sum()
+    probs = torch.exp(capped - lse[:, None]).scatter_add(1, safe, torch.full_like(safe, -1, dtype=capped.dtype))
+    grad = probs * token_weights[:, None] * (1 - (capped / LOGIT_SOFTCAP) ** 2)   # softmax - onehot, through tanh
+    return loss, grad.to(logits.dtype)
+
+
+_chunk_kernel = chunk_loss_and_grad   # replaced by a compiled copy on GPU (compile_loss_kernel)
+
+
+def compile_loss_kernel(backend: str = "inductor") -> None:
+    """Fuse the loss kernel's element-wise work with torch.compile (GPU training): unfused it would read
+    and write each chunk of logits about 15 times. Process-wide, like torch.compile's caches."""
+    global _chunk_kernel
+    if _chunk_kernel is chunk_loss_and_grad:
+        _chunk_kernel = torch.compile(chunk_loss_and_grad, dynamic=False, backend=backend)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(softcap(x_i W^T), t_i) whose gradients are computed chunk by chunk in the forward pass.
+
+    The (tokens x vocab) logits of a training micro-batch are the largest tensors of the step (d20 at
+    32 x 2048: 8 GiB in bf16, 16 GiB for each fp32 copy autograd would keep). Here only one chunk of logits
+    exists at a time; since the loss is the end of the graph, its gradient is known up to the scalar
+    that backward brings, so backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, token_weights, chunk_rows: int):
+        w = weight.to(x.dtype)
+        grad_x = torch.empty(x.shape, dtype=_at_least_fp32(x.dtype), device=x.device)
+        grad_w = torch.zeros(weight.shape, dtype=_at_least_fp32(weight.dtype), device=weight.device)
+        total = torch.zeros((), dtype=_at_least_fp32(x.dtype), device=x.device)
+        for start in range(0, x.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            loss, grad_logits = _chunk_kernel(x[rows] @ w.t(), targets[rows], token_weights[rows])
+            total += loss
+            grad_x[rows] = grad_logits @ w
+            grad_w += grad_logits.t() @ x[rows]
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return (grad_x * grad_total).to(x_dtype), (grad_w * grad_total).to(w_dtype), None, None, None
+
+
+@torch.compiler.disable   # a compiled trunk stops here: the loss runs its own (compiled) chunk kernel
+def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+              reduction: str = "sum", chunk_rows: int | None = None) -> torch.Tensor:
+    """Soft-capped cross-entropy of the lm_head over hidden states x (B, T, C) against targets (B, T),
+    -1 = no loss; optional per-token `weights`. reduction "sum" | "mean" (over positions with a target) |
+    "none" (B, T). Never materialises more than `chunk_rows` rows of logits, except for "none" with
+    gradients (RL-style losses that need per-token values), which keeps one fp32 copy of the logits."""
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"loss_reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    B, T, C = x.shape
+    x, targets = x.reshape(-1, C), targets.reshape(-1)
+    valid = targets >= 0
+    loss_dtype = _at_least_fp32(x.dtype)
+    token_weights = valid.to(loss_dtype) if weights is None else weights.reshape(-1).to(loss_dtype) * valid
+    chunk_rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):   # dtypes are explicit below
+        x = x.to(dtype)
+        if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            total = _HeadCrossEntropy.apply(x, weight, targets, token_weights, chunk_rows)
+            return total if reduction == "sum" else total / valid.sum()
+        if reduction == "none" and torch.is_grad_enabled():
+            capped = LOGIT_SOFTCAP * torch.tanh((x @ weight.to(dtype).t()).to(loss_dtype) / LOGIT_SOFTCAP)
+            losses = F.cross_entropy(capped, targets, ignore_index=-1, reduction="none") * token_weights
+            return losses.view(B, T)
+        losses = torch.empty(x.size(0), dtype=loss_dtype, device=x.device)
+        w = weight.to(dtype)
+        for start in range(0, x.size(0), chunk_rows):   # no gradients: chunks of logits, one at a time
+            rows = slice(start, start + chunk_rows)
+            capped = LOGIT_SOFTCAP * torch.tanh((x[rows] @ w.t()).to(loss_dtype) / LOGIT_SOFTCAP)
+            losses[rows] = F.cross_entropy(capped, targets[rows], ignore_index=-1, reduction="none")
+        losses = losses * token_weights
+    if reduction == "none":
+        return losses.view(B, T)
+    return losses.sum() if reduction == "sum" else losses.sum() / valid.sum()
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -317,11 +428,9 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
     # -- forward ------------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                loss_reduction: str = "mean", *, last_only: bool = False):
-        """idx (B, T) token ids. With targets: the cross-entropy loss (ignore_index=-1), a scalar for
-        "mean"/"sum" or per-token losses (B, T) for "none" (0 where ignored). Without: logits (B, T, V)
-        in fp32, or (B, 1, V) for the last position only with `last_only=True` (what sampling needs)."""
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk: token ids (B, T) -> final normalised hidden states (B, T, n_embd). Under autocast the
+        residual stream is kept in the autocast dtype (bf16), as nanochat's bf16 embedding does."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.cos.size(0):
@@ -334,21 +443,31 @@ class GPT(nn.Module):
             if kv_cache.key_len > self.cos.size(0):
                 raise ValueError(f"position {kv_cache.key_len} exceeds the rotary table ({self.cos.size(0)})")
             cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
-        x = norm(self.transformer.wte(idx))
+        x = self.transformer.wte(idx)
+        x = norm(x.to(_compute_dtype(x)))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.end(T)
-        x = norm(x)
-        if last_only and targets is None:
-            x = x[:, -1:]
-        logits = self.lm_head(x).float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        return norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean", *, last_only: bool = False, weights: torch.Tensor | None = None):
+        """idx (B, T) token ids.
+
+        With targets (-1 = no loss at that position): the soft-capped cross-entropy, a scalar for "sum" /
+        "mean" (over the positions with a target) or per-token losses (B, T) for "none" (0 where ignored).
+        `weights` (B, T), optional, multiplies each token's loss (RL advantages). The losses never hold the
+        logits of the whole batch at once (see `head_loss`).
+        Without targets: logits (B, T, V) in fp32, or (B, 1, V) for the last position only with
+        `last_only=True` (what sampling needs)."""
+        x = self.hidden_states(idx, kv_cache)
         if targets is None:
-            return logits
-        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                                 reduction=loss_reduction)
-        return losses.view(B, T) if loss_reduction == "none" else losses
+            if last_only:
+                x = x[:, -1:]
+            logits = self.lm_head(x).float()
+            return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        return head_loss(x, self.lm_head.weight, targets, weights, loss_reduction)
 
     def new_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for this model (bf16 on CUDA, fp32 elsewhere unless dtype is given)."""

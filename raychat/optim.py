@@ -45,12 +45,17 @@ def build_param_groups(model, embedding_lr: float = 0.2, unembedding_lr: float =
     return groups, matrices
 
 
+def build_adamw(groups: list[dict], fused: bool = False) -> torch.optim.AdamW:
+    """The AdamW for the embedding and the lm_head (groups from `build_param_groups`, which carry their own
+    lr and weight decay); `fused` = one CUDA kernel for all parameters."""
+    return torch.optim.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0, fused=fused)
+
+
 def build_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0.004, matrix_lr: float = 0.02,
                      weight_decay: float = 0.0):
-    """(AdamW, Muon) for single-process training (the bare trainer, tests, benchmarks)."""
+    """(AdamW, Muon) for single-process training (tests, benchmarks)."""
     groups, matrices = build_param_groups(model, embedding_lr, unembedding_lr, matrix_lr, weight_decay)
-    fused = model.lm_head.weight.device.type == "cuda"
-    adamw = torch.optim.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay, fused=fused)
+    adamw = build_adamw(groups, fused=model.lm_head.weight.device.type == "cuda")
     return adamw, Muon(matrices, lr=matrix_lr)
 
 
@@ -128,6 +133,7 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
+        self._reduced = False   # gradients already averaged across ranks for the coming step
 
     def _assignments(self, group, world_size: int):
         """[(chunk, offset)] for one group: params of one shape are dealt out world_size at a time, and the
@@ -179,8 +185,8 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rank, world_size = _world()
-        if world_size > 1:
-            self._average_gradients(world_size)
+        self.reduce_gradients()
+        self._reduced = False
         for group in self.param_groups:
             pending = []
             for chunk, offset in self._assignments(group, world_size):
@@ -202,9 +208,14 @@ class Muon(torch.optim.Optimizer):
                         p.add_(update, alpha=-group["lr"])
         return loss
 
-    def _average_gradients(self, world_size: int) -> None:
-        """Mean of every gradient over the ranks (a missing gradient counts as zero, so that all ranks
-        always join the same collectives)."""
+    def reduce_gradients(self) -> None:
+        """Average every gradient over the ranks (a missing gradient counts as zero, so that all ranks
+        always join the same collectives). `step()` does it when it has not been done; a trainer that
+        needs the averaged gradients first (clipping by the global norm) calls it before `step()`."""
+        _, world_size = _world()
+        if world_size == 1 or self._reduced:
+            return
+        self._reduced = True
         works = []
         for group in self.param_groups:
             for p in group["params"]:

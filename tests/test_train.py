@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from raychat.common import UserError
 from raychat.config import load_config
-from raychat.train.loop import plan_horizon
+from raychat.train.base import plan_horizon
 
 STEPS, SAVE_EVERY, KILL_AT = 12, 3, 7
 OVERRIDES = [
@@ -20,6 +20,7 @@ OVERRIDES = [
     "pretrain.total_batch_size=1024", f"pretrain.num_iterations={STEPS}", f"pretrain.save_every={SAVE_EVERY}",
     f"pretrain.eval_every={STEPS}", "pretrain.eval_tokens=2048", "pretrain.log_every=3", "pretrain.max_failures=2",
     "pretrain.warmup_ratio=0.25", "pretrain.warmdown_ratio=0.5",   # the LR changes during the compared steps
+    "run.keep_checkpoints=0",   # keep every checkpoint: the tests below compare against the early ones
 ]
 
 
@@ -194,7 +195,7 @@ def test_submitting_the_same_run_again_continues_from_its_last_checkpoint(runs):
 def test_worker_failures_become_one_line():
     from ray.train import WorkerGroupError
 
-    from raychat.train.pretrain import failure_summary
+    from raychat.train.launch import failure_summary
     wrapped = RuntimeError("wrapper")
     wrapped.__cause__ = UserError("checkpoint x cannot be resumed: the tokenizer changed")
     assert failure_summary(WorkerGroupError("...", {1: wrapped})) == \

@@ -249,6 +249,27 @@ class _Packer:
         return {"next_seq": self.next_seq, "offset": 0, "buffer": sorted(-seq for _, seq in self.keys)}
 
 
+def measure_packing(tokenizer, paths: list[Path], mode: str, seq_len: int, buffer_docs: int,
+                    max_docs: int = 4000) -> dict:
+    """Pack the first `max_docs` documents of `paths` as the stream would (rows of seq_len + 1 tokens) and
+    measure {"cropped_fraction": tokens dropped by best-fit cropping / tokens read, "chars_per_token",
+    "documents"}: what the shard budget needs, measured on the actual tokenizer and corpus."""
+    from itertools import islice
+
+    from raychat.data.fineweb import iter_documents
+    texts = list(islice(iter_documents(paths), max_docs))
+    if not texts:
+        raise UserError(f"no documents in {', '.join(str(p) for p in paths[:2])}: cannot plan the data budget")
+    ids = tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id())
+    documents = ((seq, np.asarray(tokens, dtype=np.int64)) for seq, tokens in enumerate(ids))
+    packer = _Packer(mode, seq_len + 1, buffer_docs, documents, 0)
+    while packer.row() is not None:
+        pass
+    read = packer.packed_tokens + packer.cropped_tokens
+    return {"cropped_fraction": packer.cropped_tokens / read if read else 0.0,
+            "chars_per_token": sum(map(len, texts)) / sum(map(len, ids)), "documents": len(texts)}
+
+
 # ------------------------------------------------------------------------------------------ stream
 
 _END = object()
@@ -368,7 +389,7 @@ class PretrainStream:
     """
 
     def __init__(self, cfg, tokenizer, split: str, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, cursor: dict | None = None, use_ray: bool = True):
+                 world_size: int = 1, cursor: dict | None = None, use_ray: bool = True, download: bool = True):
         if split not in ("train", "val"):
             raise UserError(f"unknown split '{split}': expected 'train' or 'val'")
         if batch_size < 1 or seq_len < 1:
@@ -379,7 +400,7 @@ class PretrainStream:
         self.rank, self.world_size, self.use_ray = rank, world_size, use_ray
         self.mode = cfg.data.packing
 
-        paths = shard_paths(cfg, split)
+        paths = shard_paths(cfg, split, download=download)   # training workers: False (the driver fetched them)
         if cursor is not None:
             paths = self._check_cursor(cursor, paths)
         self.plan = DocumentPlan(paths, rank, world_size)

@@ -38,7 +38,7 @@ def bpb_totals(model, batches: Iterable, token_bytes: torch.Tensor, distributed:
         for inputs, targets in batches:
             inputs, targets = inputs.to(device), targets.to(device)
             losses = model(inputs, targets=targets, loss_reduction="none").view(-1).double()
-            flat = targets.view(-1)
+            flat = targets.reshape(-1)
             valid = flat >= 0  # -1 = ignored position (no target)
             num_bytes = torch.where(valid, token_bytes[flat.clamp(min=0)], torch.zeros_like(flat))
             total_nats += (losses * (num_bytes > 0)).sum()

@@ -1,16 +1,52 @@
-"""One optimizer step, shared by every trainer (pretraining now; mid-training, SFT and the RL learner later).
+"""One optimizer step, shared by every trainer (pretraining, mid-training, SFT, the RL learner).
 
-The step pulls `grad_accum_steps` micro-batches, sets the learning-rate and Muon-momentum schedules for
-this step, and lets the backend (plain torch or DeepSpeed, see backend.py) do forward, backward and the
-update. It returns the mean loss over the micro-batches and all ranks, and the gradient norm.
+The step takes `grad_accum_steps` micro-batches, sets this step's learning-rate and Muon-momentum
+schedules, and lets the backend (plain torch or DeepSpeed, see backend.py) run forward and backward on
+each micro-batch and then update every parameter once.
+
+The loss of a step is the sum of its token losses divided by N, the number of supervised tokens
+(target != -1) in all its micro-batches on all ranks. Each micro-batch backpropagates
+sum(its token losses) x world / N; once the ranks average their gradients that is exactly the gradient
+of one big batch, however the step is split into micro-batches and ranks. A micro-batch without a
+supervised token contributes exactly nothing (a sum over no tokens is 0, never 0/0). A step without any
+supervised token is skipped: an optimizer step with zero gradients would still move the weights
+(AdamW and Muon momentum).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
+
+import torch
 
 from raychat.optim import lr_multiplier, muon_momentum
+
+
+@dataclass
+class Batch:
+    """One micro-batch: token ids, next-token targets (-1 = no loss at that position) and optional
+    per-token loss weights (RL advantages)."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    def to(self, device) -> "Batch":
+        move = (lambda t: None if t is None else t.to(device, non_blocking=True))
+        return Batch(move(self.inputs), move(self.targets), move(self.weights))
+
+    @classmethod
+    def of(cls, item) -> "Batch":
+        """A Batch from what a data stream yields: a Batch, or an (inputs, targets) pair."""
+        return item if isinstance(item, Batch) else cls(*item)
+
+
+def token_loss_sum(model: Callable, batch: Batch) -> torch.Tensor:
+    """The default loss: the sum of the (weighted) cross-entropies of the batch's supervised tokens.
+    A stage's loss function has this signature: `model` is the callable the backend trains (compiled,
+    or the DeepSpeed engine); the result is a sum over tokens, normalised by `train_step`."""
+    return model(batch.inputs, batch.targets, loss_reduction="sum", weights=batch.weights)
 
 
 @dataclass
@@ -19,35 +55,41 @@ class Schedule:
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
+    initial_lr_frac: float = 1.0   # SFT / RL start from a fraction of the pretraining learning rates
 
     def lr_mult(self, step: int) -> float:
-        return lr_multiplier(step, self.num_iterations, self.warmup_ratio, self.warmdown_ratio, self.final_lr_frac)
+        return self.initial_lr_frac * lr_multiplier(step, self.num_iterations, self.warmup_ratio,
+                                                    self.warmdown_ratio, self.final_lr_frac)
 
 
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
+    loss: float          # mean loss per supervised token, all micro-batches and ranks (nan when skipped)
+    grad_norm: float     # global gradient norm before clipping (nan when skipped)
     lr_mult: float
     momentum: float
-    tokens: int          # tokens processed by all ranks in this step
+    tokens: int          # supervised tokens of the step, all ranks
     seconds: float
+    skipped: bool = False
 
 
-def train_step(backend, batches: Iterator, step: int, schedule: Schedule, grad_accum_steps: int) -> StepResult:
-    """Run optimizer step number `step` (0-based): accumulate gradients over `grad_accum_steps`
-    micro-batches from `batches`, then update every parameter once."""
+def train_step(backend, batches: Iterator, step: int, schedule: Schedule, grad_accum_steps: int,
+               loss_fn: Callable[[Callable, Batch], torch.Tensor] = token_loss_sum) -> StepResult:
+    """Run optimizer step number `step` (0-based) on `grad_accum_steps` micro-batches from `batches`."""
     t0 = time.perf_counter()
     lr_mult, momentum = schedule.lr_mult(step), muon_momentum(step)
     backend.set_hyperparameters(lr_mult, momentum)
-    loss_sum = None  # stays on the device: one host sync per step, not per micro-batch
-    tokens = 0  # supervised tokens (targets >= 0); a device tensor after the first micro-batch
-    for micro in range(grad_accum_steps):
-        inputs, targets = next(batches)
-        loss = backend.forward_backward(inputs, targets, grad_accum_steps, last=micro == grad_accum_steps - 1)
-        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-        tokens = tokens + (targets >= 0).sum()
-    grad_norm = backend.last_grad_norm()
-    mean_loss, tokens = backend.all_reduce_mean_and_sum(loss_sum.item() / grad_accum_steps, int(tokens))
-    return StepResult(loss=mean_loss, grad_norm=grad_norm, lr_mult=lr_mult, momentum=momentum, tokens=tokens,
-                      seconds=time.perf_counter() - t0)
+    micro_batches = [Batch.of(next(batches)) for _ in range(grad_accum_steps)]
+    # counted on the host before the batches move: the normaliser must be known before the first backward
+    local = sum(int((b.targets >= 0).sum()) for b in micro_batches)
+    (total,) = backend.all_reduce_sum([local])
+    if total == 0:
+        return StepResult(math.nan, math.nan, lr_mult, momentum, 0, time.perf_counter() - t0, skipped=True)
+    scale = backend.world / total
+    loss_sum = torch.zeros((), dtype=torch.float32, device=backend.device)  # one host sync per step, at the end
+    for batch in micro_batches:
+        loss_sum += backend.forward_backward(batch.to(backend.device), loss_fn, scale).float()
+    grad_norm = backend.optimizer_step()
+    (loss_total,) = backend.all_reduce_sum([loss_sum])
+    return StepResult(loss=loss_total / total, grad_norm=grad_norm, lr_mult=lr_mult, momentum=momentum,
+                      tokens=int(total), seconds=time.perf_counter() - t0)
