@@ -36,7 +36,7 @@ from raychat.config import load_config  # noqa: E402
 from raychat.engine import Engine  # noqa: E402
 from raychat.eval.bpb import bpb_totals  # noqa: E402
 from raychat.model import GPTConfig, build_model  # noqa: E402
-from raychat.train.backend import DeepSpeedBackend  # noqa: E402
+from raychat.train.backend import DeepSpeedBackend, TorchBackend  # noqa: E402
 from raychat.train.base import plan_horizon  # noqa: E402
 from raychat.train.checkpointing import load_training_checkpoint, save_training_checkpoint  # noqa: E402
 from raychat.train.loop import device_peak_flops, worker_device  # noqa: E402
@@ -72,8 +72,11 @@ def build(args, device, split: int):
     torch.manual_seed(0)
     model = build_model(GPTConfig(depth=args.depth, vocab_size=args.vocab, sequence_len=args.seq_len), device)
     horizon = plan_horizon(cfg.pretrain, 1, model.num_params(), 20)
-    backend = DeepSpeedBackend(model, cfg.pretrain, device, "bf16", horizon.micro_batch_size,
-                               horizon.grad_accum_steps, compile=args.compile)
+    if args.backend == "deepspeed":
+        backend = DeepSpeedBackend(model, cfg.pretrain, device, "bf16", horizon.micro_batch_size,
+                                   horizon.grad_accum_steps, compile=args.compile)
+    else:
+        backend = TorchBackend(model, cfg.pretrain, device, "bf16", compile=args.compile)
     return cfg, model, horizon, backend
 
 
@@ -181,12 +184,18 @@ def main(argv=None) -> int:
         args.depth, args.vocab, args.seq_len, args.batch, args.total_batch = 20, 65536, 2048, 32, 524_288
         args.warmup, args.steps, args.new_tokens, args.compile = 3, 5, 128, True
     t_start = time.perf_counter()
+    try:
+        import deepspeed  # noqa: F401
+        args.backend = "deepspeed"
+    except ImportError as error:   # still measure the model, step and engine: say which backend ran
+        args.backend = "torch"
+        print(f"deepspeed cannot be imported ({error}): measuring the plain-torch backend", file=sys.stderr)
     init_single_process_group(device)
     cfg, model, horizon, backend, batches, training = train_and_time(args, device)
     tokens_per_s = args.total_batch / training["step_s"]
     peak = device_peak_flops(device) or 989e12
     result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu (dry run)",
-              "torch": torch.__version__, "params": model.num_params(), "flops_per_token": model.estimate_flops(),
+              "torch": torch.__version__, "backend": args.backend, "params": model.num_params(), "flops_per_token": model.estimate_flops(),
               "device_batch": args.batch, "micro_batch": horizon.micro_batch_size,
               "grad_accum": horizon.grad_accum_steps, "seq_len": args.seq_len, **training,
               "tokens_per_s": round(tokens_per_s), "mfu": round(model.estimate_flops() * tokens_per_s / peak, 4),
