@@ -145,10 +145,14 @@ def save_and_resume(model, backend, horizon, args, device) -> dict:
         load_training_checkpoint(path, backend, 0, device)
         load_s = time.perf_counter() - t0
         loss_b, weights_b = one_step()
-    max_rel = max(float((weights_a[k] - weights_b[k]).abs().max() / weights_a[k].abs().max().clamp_min(1e-12))
-                  for k in weights_a)
+        load_training_checkpoint(path, backend, 0, device)   # the same step once more from the same state:
+        _, weights_c = one_step()                             # what GPU non-determinism alone changes
+
+    def max_rel(a, b):
+        return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
     return {"save_s": round(save_s, 1), "load_s": round(load_s, 1), "checkpoint_gib": round(size_gib, 2),
-            "loss_after_save": loss_a, "loss_after_resume": loss_b, "weights_max_rel_diff": max_rel}
+            "loss_after_save": loss_a, "loss_after_resume": loss_b, "weights_max_rel_diff": max_rel(weights_a, weights_b),
+            "same_state_twice_max_rel_diff": max_rel(weights_b, weights_c)}
 
 
 def decode_speed(model, args, device) -> dict:
@@ -184,6 +188,7 @@ def main(argv=None) -> int:
         args.depth, args.vocab, args.seq_len, args.batch, args.total_batch = 20, 65536, 2048, 32, 524_288
         args.warmup, args.steps, args.new_tokens, args.compile = 3, 5, 128, True
     t_start = time.perf_counter()
+    torch.set_float32_matmul_precision("high")   # as the training loop does
     try:
         import deepspeed  # noqa: F401
         args.backend = "deepspeed"

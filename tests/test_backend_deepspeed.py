@@ -102,3 +102,27 @@ def test_deepspeed_two_ranks_equal_one_process_with_all_micro_batches(tmp_path, 
         change = (ref - initial[name]).abs().max()
         assert change > 0, name
         assert (a - ref).abs().max() / change <= 1e-4, f"{name}: {(a - ref).abs().max() / change:.2e}"
+
+
+def test_deepspeed_forward_computes_in_bf16_even_where_the_engine_turns_autocast_off(tmp_path, monkeypatch):
+    """DeepSpeed's engine.forward switches off a CUDA autocast that is on around it (the first GPU run
+    trained d20 in fp32 because of it). The backend's forward re-enters autocast inside the engine: here
+    the engine's switch-off is reproduced with torch's own context, on CPU."""
+    import torch.distributed as dist
+
+    from raychat.train.backend import DeepSpeedBackend
+    for key, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = random_model(depth=1, vocab_size=64, sequence_len=16).train()
+        backend = DeepSpeedBackend(model, _config(0.0), "cpu", "bf16", ROWS, 1)
+        seen = []
+        model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        batch = _micro_batches(0, 0)[0]
+        with torch.autocast("cpu", enabled=False):   # what DeepSpeed does around the module on CUDA
+            loss = backend.engine(batch.inputs, batch.targets, loss_reduction="sum")
+        assert seen == [torch.bfloat16] and torch.isfinite(loss)
+        assert backend.engine.torch_autocast_enabled() and backend.engine.torch_autocast_dtype() == torch.bfloat16
+    finally:
+        dist.destroy_process_group()

@@ -155,17 +155,23 @@ class TorchBackend(TrainBackend):
 
 
 class _TrainingForward(torch.nn.Module):
-    """What DeepSpeed wraps: the model, called through its compiled forward. DeepSpeed's own
-    `engine.compile()` would compile the model module in place, so that evaluation and decoding would
-    run (and recompile) the compiled graph too."""
+    """What DeepSpeed wraps: the model, called through its compiled forward, under the backend's autocast.
 
-    def __init__(self, model: torch.nn.Module, forward):
+    Two DeepSpeed 0.19.8 behaviours make this wrapper necessary. `engine.compile()` would compile the
+    model module in place, so that evaluation and decoding would run (and recompile) the compiled graph
+    too. And `engine.forward` turns off a CUDA autocast that is on around it unless its own
+    `torch_autocast` section is set: found on the first GPU run, where d20 trained in fp32 at 5 % MFU.
+    Autocast entered here, inside the engine, holds whatever DeepSpeed does around it."""
+
+    def __init__(self, model: torch.nn.Module, forward, autocast):
         super().__init__()
         self.model = model
         self._forward = forward   # a function, not a module: not registered, not in any state dict
+        self._autocast = autocast
 
     def forward(self, *args, **kwargs):
-        return self._forward(*args, **kwargs)
+        with self._autocast:
+            return self._forward(*args, **kwargs)
 
 
 class DeepSpeedBackend(TrainBackend):
@@ -186,8 +192,10 @@ class DeepSpeedBackend(TrainBackend):
             "gradient_clipping": 0.0,   # explicit (0.19.8 defaults to 1.0); clipping is global, see optimizer_step
             "steps_per_print": 10**12,
             "wall_clock_breakdown": False,
+            # bf16 autocast inside the engine (see _TrainingForward); no module communicates in bf16
+            "torch_autocast": {"enabled": dtype == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []},
         }
-        self.engine, *_ = deepspeed.initialize(model=_TrainingForward(model, self.train_forward),
+        self.engine, *_ = deepspeed.initialize(model=_TrainingForward(model, self.train_forward, self.autocast),
                                                optimizer=self.client_adamw, config=ds_config)
         self.zero = self.engine.optimizer   # DeepSpeedZeroOptimizer: holds the AdamW partitions
 
