@@ -51,8 +51,13 @@ def main() -> int:
     from raychat.data.fineweb import iter_documents, shard_paths
     from raychat.model import GPTConfig, build_model
     from raychat.tokenizer import RustBPETokenizer
-    from raychat.train.loop import run_training
+    from raychat.train.base import BaseStage
+    from raychat.train.loop import run_stage
     from raychat.train.ray_trainer import fit
+
+    def run_bare(cfg):
+        plan = BaseStage(cfg).preflight()
+        return run_stage(BaseStage(cfg, {**plan, "ray_data": False}), 0, 1, "cpu", use_deepspeed=False)
 
     overrides = [f"pretrain.depth={args.depth}", "pretrain.sequence_len=256", "pretrain.max_seq_len=256",
                  "pretrain.device_batch_size=8", "pretrain.total_batch_size=2048", "pretrain.num_workers=1",
@@ -65,7 +70,7 @@ def main() -> int:
     bare, ray_ = [], []
     for i in range(args.repeats):
         cfg = load_config("demo", overrides + [f"run.name=bare{i}"])
-        bare.append(run_training(cfg, 0, 1, "cpu", use_deepspeed=False)["step_seconds"])
+        bare.append(run_bare(cfg)["step_seconds"])
         cfg = load_config("demo", overrides + [f"run.name=ray{i}"])
         ray_.append(fit(cfg).metrics["step_seconds"])
         print(f"repeat {i}: bare {bare[-1] * 1000:.1f} ms/step, ray+deepspeed {ray_[-1] * 1000:.1f} ms/step", flush=True)
