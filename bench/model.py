@@ -17,7 +17,7 @@ import time
 import torch
 
 from raychat.model import GPTConfig, build_model
-from raychat.optim import build_optimizers
+from raychat.optim import build_adamw, build_optimizers
 
 CASES = [dict(depth=4, seq=512, batch=8), dict(depth=8, seq=512, batch=4)]
 VOCAB = 8192
@@ -53,7 +53,7 @@ def bench_case(depth: int, seq: int, batch: int, repeats: int) -> dict:
     results = {}
     results["fwd+bwd"] = best_time(lambda: (forward_backward(), model.zero_grad(set_to_none=True)), repeats)
     results["step"] = best_time(with_optimizers(build_optimizers(model)), repeats)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.8, 0.95), eps=1e-10)
+    adamw = build_adamw([{"params": list(model.parameters()), "lr": 1e-4}])   # the baseline: AdamW for everything
     results["adamw"] = best_time(with_optimizers([adamw]), repeats)
     tokens = batch * seq
     return {"tokens": tokens, "flops_per_token": model.estimate_flops(), "params": model.num_params(), **results}

@@ -156,3 +156,27 @@ def test_batch_accepts_stream_pairs_and_moves_with_its_weights():
     assert batch.weights is None and torch.equal(batch.targets, pair[1])
     weighted = Batch(pair[0], pair[1], torch.full((2, 3), 0.5)).to("cpu")
     assert weighted.weights.dtype == torch.float32 and Batch.of(weighted) is weighted
+
+
+def test_a_corpus_smaller_than_the_horizon_is_announced_and_its_wrap_warned_once(tmp_path, monkeypatch, tokenizer, caplog):
+    """Preflight says how many epochs the local shards give; the loop warns once when the stream wraps."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    shards = tmp_path / "data" / "pretrain" / "shards"
+    shards.mkdir(parents=True)
+    words = "the quick brown fox jumps over the lazy dog near a quiet river bank".split()
+    for index, count in ((0, 40), (1, 8)):   # a tiny train shard and a validation shard
+        texts = [" ".join(words[(i + j) % len(words)] for j in range(30)) for i in range(count)]
+        pq.write_table(pa.table({"text": texts}), shards / f"shard_{index:05d}.parquet")
+    monkeypatch.setenv("RAYCHAT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RAYCHAT_BASE_DIR", str(tmp_path / "base"))
+    tokenizer.save(tmp_path / "base" / "tokenizer")
+    caplog.set_level(logging.WARNING, logger="raychat.train")
+    metrics = _run(_cfg("wrap", "pretrain.num_iterations=12", "pretrain.eval_every=0", "pretrain.save_every=0"))
+    assert metrics["step"] == 12
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("the stream will repeat its documents" in w for w in warnings), warnings
+    wrapped = [w for w in warnings if "the training data wrapped into epoch 2" in w]
+    assert len(wrapped) == 1, warnings
