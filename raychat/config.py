@@ -93,6 +93,8 @@ class TrainConfig:
     unembedding_lr: float = opt(0.004, min=0.0, max=10.0)
     matrix_lr: float = opt(0.02, min=0.0, max=10.0)
     weight_decay: float = opt(0.0, min=0.0, max=1.0)
+    muon_dtype: str = opt("auto", choices=("auto", "bf16", "fp32"), help="Muon's Newton-Schulz: auto = bf16 where "
+                                                                        "the device has native bf16 (GPU, AVX512-BF16)")
     warmup_ratio: float = opt(0.0, min=0.0, max=1.0)
     warmdown_ratio: float = opt(0.2, min=0.0, max=1.0)
     final_lr_frac: float = opt(0.0, min=0.0, max=1.0)

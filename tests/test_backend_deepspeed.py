@@ -39,7 +39,7 @@ def _micro_batches(step: int, rank: int) -> list[Batch]:
 
 
 def _config(clip: float):
-    return load_config("demo", [f"pretrain.grad_clip={clip}", "pretrain.zero_stage=2"]).pretrain
+    return load_config("demo", [f"pretrain.grad_clip={clip}", "pretrain.zero_stage=2", "pretrain.muon_dtype=fp32"]).pretrain
 
 
 def _worker(rank, world, port, out, clip):

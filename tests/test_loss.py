@@ -99,7 +99,7 @@ def test_chunk_kernel_gradient_is_the_softmax_through_the_softcap():
 # ---------------------------------------------------------------------------------------- the step
 
 def _backend(seed=0, clip=0.0):
-    cfg = load_config("demo", [f"pretrain.grad_clip={clip}"])
+    cfg = load_config("demo", [f"pretrain.grad_clip={clip}", "pretrain.muon_dtype=fp32"])
     model = random_model(depth=2, vocab_size=64, sequence_len=16, seed=seed).train()
     return model, TorchBackend(model, cfg.pretrain, "cpu", "fp32")
 

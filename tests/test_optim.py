@@ -31,7 +31,7 @@ def test_muon_update_formula():
     tall = torch.nn.Parameter(torch.randn(48, 16))
     wide = torch.nn.Parameter(torch.randn(16, 48))
     start = [tall.detach().clone(), wide.detach().clone()]
-    opt = Muon([tall, wide], lr=0.1, momentum=0.9)
+    opt = Muon([tall, wide], lr=0.1, momentum=0.9, ns_dtype=torch.float32)
     grads = [torch.randn(48, 16), torch.randn(16, 48)]
     tall.grad, wide.grad = grads[0].clone(), grads[1].clone()
     opt.step()
@@ -117,7 +117,7 @@ def _distributed_worker(rank, world_size, port, out_path):
     try:
         model = _tiny_gpt()
         _, matrices = build_param_groups(model)
-        muon = Muon(matrices, lr=0.02, momentum=0.95)
+        muon = Muon(matrices, lr=0.02, momentum=0.95, ns_dtype=torch.float32)
         per_rank = 4 // world_size
         _train(model, muon, _batches(), slice(rank * per_rank, (rank + 1) * per_rank))
         owned = len(muon.state)
@@ -137,7 +137,7 @@ def _free_port():
 def _single_process(micro_batches):
     model = _tiny_gpt()
     _, matrices = build_param_groups(model)
-    muon = Muon(matrices, lr=0.02, momentum=0.95)
+    muon = Muon(matrices, lr=0.02, momentum=0.95, ns_dtype=torch.float32)
     _train(model, muon, _batches(), slice(0, 4), micro_batches)
     return {n: p.detach() for n, p in model.named_parameters()}, muon.state_dict()["state"]
 
@@ -184,3 +184,15 @@ def test_muon_keeps_fp32_momentum_for_bf16_weights():
     opt.step()
     assert opt.state[p]["momentum_buffer"].dtype == torch.float32
     assert p.dtype == torch.bfloat16 and not torch.equal(p, before)
+
+
+def test_newton_schulz_dtype_follows_the_hardware_and_bf16_stays_close():
+    """auto = bf16 where it is native (CUDA, AVX512-BF16/AMX CPUs), fp32 otherwise; bf16 Newton-Schulz
+    gives nearly the same update (nanochat runs it in bf16)."""
+    from raychat.optim import native_bf16, ns_dtype_for
+    assert ns_dtype_for("auto", "cpu") == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    assert ns_dtype_for("fp32", "cpu") == torch.float32 and ns_dtype_for("bf16", "cpu") == torch.bfloat16
+    assert ns_dtype_for("auto", "cuda") == torch.bfloat16
+    G = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    exact, fast = newton_schulz(G, 5, torch.float32), newton_schulz(G, 5, torch.bfloat16).float()
+    assert (fast - exact).norm() / exact.norm() < 0.05

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from raychat.model import compile_loss_kernel
-from raychat.optim import Muon, build_adamw, build_param_groups
+from raychat.optim import Muon, build_adamw, build_param_groups, ns_dtype_for
 
 
 def _world() -> int:
@@ -57,7 +57,8 @@ class TrainBackend:
         self.adamw_groups, self.muon_params = build_param_groups(
             model, train_cfg.embedding_lr, train_cfg.unembedding_lr, train_cfg.matrix_lr, train_cfg.weight_decay)
         self.adamw_params = [p for g in self.adamw_groups for p in g["params"]]
-        self.muon = Muon(self.muon_params, lr=train_cfg.matrix_lr, momentum=0.95)
+        self.muon = Muon(self.muon_params, lr=train_cfg.matrix_lr, momentum=0.95,
+                         ns_dtype=ns_dtype_for(train_cfg.muon_dtype, device))
         self.grad_clip = train_cfg.grad_clip
         # compile: False, True (inductor) or a torch.compile backend name (tests use "aot_eager" on CPU)
         compiler = compile if isinstance(compile, str) else "inductor"
