@@ -38,11 +38,12 @@ def _micro_batches(step: int, rank: int) -> list[Batch]:
     return out
 
 
-def _config(clip: float):
-    return load_config("demo", [f"pretrain.grad_clip={clip}", "pretrain.zero_stage=2", "pretrain.muon_dtype=fp32"]).pretrain
+def _config(clip: float, zero_stage: int = 2):
+    return load_config("demo", [f"pretrain.grad_clip={clip}", f"pretrain.zero_stage={zero_stage}",
+                                "pretrain.muon_dtype=fp32"]).pretrain
 
 
-def _worker(rank, world, port, out, clip):
+def _worker(rank, world, port, out, clip, zero_stage):
     import torch.distributed as dist
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -52,7 +53,7 @@ def _worker(rank, world, port, out, clip):
     try:
         from raychat.train.backend import DeepSpeedBackend
         model = random_model(depth=2, vocab_size=64, sequence_len=16).train()
-        backend = DeepSpeedBackend(model, _config(clip), "cpu", "fp32", ROWS, ACCUM)
+        backend = DeepSpeedBackend(model, _config(clip, zero_stage), "cpu", "fp32", ROWS, ACCUM)
         results = []
         for step in range(STEPS):
             r = train_step(backend, iter(_micro_batches(step, rank)), step, Schedule(10), ACCUM)
@@ -61,7 +62,7 @@ def _worker(rank, world, port, out, clip):
                 state = backend.optimizer_state()
                 weights = {k: v.clone() for k, v in model.state_dict().items()}
                 model = random_model(depth=2, vocab_size=64, sequence_len=16, seed=7).train()
-                backend = DeepSpeedBackend(model, _config(clip), "cpu", "fp32", ROWS, ACCUM)
+                backend = DeepSpeedBackend(model, _config(clip, zero_stage), "cpu", "fp32", ROWS, ACCUM)
                 model.load_state_dict(weights)
                 backend.load_optimizer_state(state)
         torch.save({"params": {k: v.detach() for k, v in model.state_dict().items()}, "results": results},
@@ -83,12 +84,12 @@ def _reference(clip):
     return model.state_dict(), results
 
 
-@pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_deepspeed_two_ranks_equal_one_process_with_all_micro_batches(tmp_path, clip):
+@pytest.mark.parametrize("clip,zero_stage", [(0.0, 2), (0.05, 2), (0.05, 1)])
+def test_deepspeed_two_ranks_equal_one_process_with_all_micro_batches(tmp_path, clip, zero_stage):
     reference, ref_results = _reference(clip)
     initial = random_model(depth=2, vocab_size=64, sequence_len=16).state_dict()
     out = tmp_path / "rank"
-    mp.start_processes(_worker, args=(2, _free_port(), str(out), clip), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out), clip, zero_stage), nprocs=2, start_method="spawn")
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     if clip:
         assert all(norm > 10 * clip for _, norm, _ in ref_results)   # the clip really fired at every step
