@@ -84,7 +84,7 @@ def step_time(cfg, tokenizer, source: str, steps: int) -> float:
     from raychat.data.pretrain import PretrainStream
     from raychat.model import GPTConfig, build_model
     from raychat.train.backend import TorchBackend
-    from raychat.train.loop import plan_horizon
+    from raychat.train.base import plan_horizon
     from raychat.train.step import Schedule, train_step
 
     tc = cfg.pretrain

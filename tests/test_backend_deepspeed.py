@@ -57,7 +57,7 @@ def _worker(rank, world, port, out, clip, zero_stage):
         results = []
         for step in range(STEPS):
             r = train_step(backend, iter(_micro_batches(step, rank)), step, Schedule(10), ACCUM)
-            results.append((r.loss, r.grad_norm, r.tokens))
+            results.append((r.loss, r.grad_norm, r.supervised))
             if step == 0:   # save after the first step, reload into a fresh backend, continue from there
                 state = backend.optimizer_state()
                 weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -80,7 +80,7 @@ def _reference(clip):
     for step in range(STEPS):
         batches = _micro_batches(step, 0) + _micro_batches(step, 1)
         r = train_step(backend, iter(batches), step, Schedule(10), 2 * ACCUM)
-        results.append((r.loss, r.grad_norm, r.tokens))
+        results.append((r.loss, r.grad_norm, r.supervised))
     return model.state_dict(), results
 
 

@@ -129,7 +129,7 @@ def test_accumulation_gives_the_update_of_one_big_batch(weighted):
         result = train_step(backend, iter(batches), 0, Schedule(10), split)
         results[split] = (result, _state(model))
     (one, big), (four, small) = results[1], results[4]
-    assert one.tokens == four.tokens == int((targets >= 0).sum())
+    assert one.supervised == four.supervised == int((targets >= 0).sum()) and one.tokens == four.tokens == inputs.numel()
     assert four.loss == pytest.approx(one.loss, rel=1e-6) and four.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
     for name in big:
         torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -163,7 +163,7 @@ def test_step_without_any_supervised_token_is_skipped_and_changes_nothing():
     model, backend = _backend()
     before = _state(model)
     result = train_step(backend, iter([Batch(inputs, torch.full_like(targets, -1))]), 0, Schedule(10), 1)
-    assert result.skipped and result.tokens == 0 and math.isnan(result.loss)
+    assert result.skipped and result.supervised == 0 and result.tokens == inputs.numel() and math.isnan(result.loss)
     assert all(torch.equal(before[k], v) for k, v in _state(model).items())
     assert not backend.adamw.state and not backend.muon.state   # no optimizer step was taken
 

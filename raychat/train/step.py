@@ -68,7 +68,8 @@ class StepResult:
     grad_norm: float     # global gradient norm before clipping (nan when skipped)
     lr_mult: float
     momentum: float
-    tokens: int          # supervised tokens of the step, all ranks
+    tokens: int          # tokens processed in the step (inputs of every micro-batch), all ranks: for tok/s and MFU
+    supervised: int      # of which with a target (the loss normaliser), all ranks
     seconds: float
     skipped: bool = False
 
@@ -82,9 +83,10 @@ def train_step(backend, batches: Iterator, step: int, schedule: Schedule, grad_a
     micro_batches = [Batch.of(next(batches)) for _ in range(grad_accum_steps)]
     # counted on the host before the batches move: the normaliser must be known before the first backward
     local = sum(int((b.targets >= 0).sum()) for b in micro_batches)
-    (total,) = backend.all_reduce_sum([local])
+    total, processed = backend.all_reduce_sum([local, sum(b.inputs.numel() for b in micro_batches)])
     if total == 0:
-        return StepResult(math.nan, math.nan, lr_mult, momentum, 0, time.perf_counter() - t0, skipped=True)
+        return StepResult(math.nan, math.nan, lr_mult, momentum, int(processed), 0, time.perf_counter() - t0,
+                          skipped=True)
     scale = backend.world / total
     loss_sum = torch.zeros((), dtype=torch.float32, device=backend.device)  # one host sync per step, at the end
     for batch in micro_batches:
@@ -92,4 +94,4 @@ def train_step(backend, batches: Iterator, step: int, schedule: Schedule, grad_a
     grad_norm = backend.optimizer_step()
     (loss_total,) = backend.all_reduce_sum([loss_sum])
     return StepResult(loss=loss_total / total, grad_norm=grad_norm, lr_mult=lr_mult, momentum=momentum,
-                      tokens=int(total), seconds=time.perf_counter() - t0)
+                      tokens=int(processed), supervised=int(total), seconds=time.perf_counter() - t0)
