@@ -125,6 +125,7 @@ class KVCache:
         self.row_start, self.row_stop = 0, batch_size
         self.key_len = 0         # during a forward pass: cache positions the selected rows attend over
         self._positions = None   # (B, T) absolute positions of the new tokens
+        self.common_start = None # during a forward pass: the rows' shared start position, if they share one
         self._attend = None      # "causal", "all", or a (B, 1, T, key_len) boolean mask
 
     @property
@@ -172,6 +173,8 @@ class KVCache:
         offsets = torch.arange(num_tokens, device=device)
         positions = torch.tensor(starts, device=device)[:, None] + offsets[None, :]
         self._positions = positions
+        # rows in lockstep (samples of one prompt, RL groups): slices instead of gathers and scatters
+        self.common_start = starts[0] if all(s == starts[0] for s in starts) else None
         self.key_len = max(starts) + num_tokens
         if all(s == 0 for s in starts):
             self._attend = "causal"  # fresh prefill: plain causal attention (flash kernel on GPU)
@@ -185,9 +188,14 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this layer's new k, v (B, T, H, D); return all keys/values (B, H, L, D) and the mask mode."""
-        rows = torch.arange(self.row_start, self.row_stop, device=k.device)[:, None].expand_as(self._positions)
-        self.k[layer][rows, :, self._positions] = k.to(self.k.dtype)
-        self.v[layer][rows, :, self._positions] = v.to(self.v.dtype)
+        if self.common_start is not None:
+            span = slice(self.common_start, self.common_start + k.size(1))
+            self.k[layer, self.row_start:self.row_stop, :, span] = k.transpose(1, 2)
+            self.v[layer, self.row_start:self.row_stop, :, span] = v.transpose(1, 2)
+        else:
+            rows = torch.arange(self.row_start, self.row_stop, device=k.device)[:, None].expand_as(self._positions)
+            self.k[layer][rows, :, self._positions] = k.to(self.k.dtype)
+            self.v[layer][rows, :, self._positions] = v.to(self.v.dtype)
         keys = self.k[layer, self.row_start:self.row_stop, :, :self.key_len]
         values = self.v[layer, self.row_start:self.row_stop, :, :self.key_len]
         return keys, values, self._attend
@@ -195,7 +203,7 @@ class KVCache:
     def end(self, num_tokens: int) -> None:
         for row in range(self.row_start, self.row_stop):
             self.lengths[row] += num_tokens
-        self._positions = self._attend = None
+        self._positions = self._attend = self.common_start = None
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -444,7 +452,11 @@ class GPT(nn.Module):
             positions = kv_cache.begin(T)
             if kv_cache.key_len > self.cos.size(0):
                 raise ValueError(f"position {kv_cache.key_len} exceeds the rotary table ({self.cos.size(0)})")
-            cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+            if kv_cache.common_start is not None:
+                span = slice(kv_cache.common_start, kv_cache.common_start + T)
+                cos, sin = self.cos[None, span, None, :], self.sin[None, span, None, :]
+            else:
+                cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
         x = self.transformer.wte(idx)
         x = norm(x.to(_compute_dtype(x)))
         for block in self.transformer.h:
