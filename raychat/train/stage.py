@@ -28,6 +28,8 @@ from raychat.train.step import Schedule, token_loss_sum
 
 STAGES = {
     "base": "raychat.train.base:BaseStage",
+    "mid": "raychat.train.mid:MidStage",
+    "sft": "raychat.train.sft:SFTStage",
 }
 
 
