@@ -136,6 +136,8 @@ class SFTConfig(TrainConfig):
     parent_run: str = opt("", help="run of the source checkpoint; empty = run.name")
     mixture: str = opt("arc-easy,arc-challenge,gsm8k,smoltalk:10000,identity,spelling:300,spelling-bee:300",
                        help="conversation tasks, comma-separated name[:N][*K] (as midtrain.mixture)")
+    compile: bool = opt(False, help="torch.compile the training forward (GPU only); off by default: every "
+                                    "micro-batch has its own width (nanochat's SFT runs eager too)")
     device_batch_size: int = opt(4, min=1, help="conversations (rows) per worker per micro-step")
     total_batch_size: int = opt(32, min=1, help="conversations per optimizer step, all workers together")
     num_epochs: int = opt(1, min=1, help="passes over the mixture when num_iterations = -1")
@@ -373,7 +375,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "midtrain.device_batch_size": 8,
         "midtrain.total_batch_size": 4096,
         "midtrain.eval_tokens": 8192,
-        "midtrain.mixture": "smoltalk,mmlu-aux:1000,gsm8k:400,identity:200*2,spelling:400,spelling-bee:200",
+        "midtrain.mixture": "smoltalk,mmlu-aux:1000,gsm8k:400,identity:300*2,spelling:400,spelling-bee:100",
         "sft.sequence_len": 256,
         "sft.device_batch_size": 4,
         "sft.total_batch_size": 8,

@@ -273,7 +273,8 @@ class ConversationStream:
         conversations / tokens rendered), dropped and cropped conversations."""
         c = self._cursor
         lost = c["dropped_tokens"] + c["cropped_tokens"]
-        return {"epoch": c["next_seq"] // self.batcher.per_rank, "wait_s": self._wait_s,
+        oldest = min(c["buffer"], default=c["next_seq"])   # packing reads ahead: buffered ones are not used yet
+        return {"epoch": oldest // self.batcher.per_rank, "wait_s": self._wait_s,
                 "cropped_fraction": lost / c["read_tokens"] if c["read_tokens"] else 0.0,
                 "dropped": c["dropped"], "cropped": c["cropped"]}
 
