@@ -164,3 +164,15 @@ def test_each_stage_starts_from_its_parent_and_records_it(runs):
     sft_meta = json.loads((runs["sft", "clean"][0] / f"step_{STEPS:06d}" / "meta.json").read_text())
     assert sft_meta["parent"]["stage"] == "mid" and sft_meta["parent"]["run"] == "midclean"
     assert sft_meta["parent"]["step"] == STEPS
+
+
+def test_mixture_lengths_in_ray_tasks_are_the_driver_s_own(ray_cluster, tokenizer):
+    """d20's mixture is rendered in Ray tasks of LENGTH_TASK_SIZE conversations; they must measure exactly
+    what the driver (and every worker) renders, in mixture order."""
+    from raychat.tasks.mixture import build_mixture
+    from raychat.train.mid import LENGTH_TASK_SIZE, mixture_lengths
+    spec = "identity:5500,gsm8k:600"
+    mixture = build_mixture(spec, seed=11)
+    assert len(mixture) > LENGTH_TASK_SIZE   # at least two tasks
+    lengths = mixture_lengths(spec, 11, tokenizer, len(mixture))
+    assert lengths == [len(tokenizer.render_conversation(mixture[i], max_tokens=2**62)[0]) for i in range(len(mixture))]
