@@ -52,7 +52,8 @@ def test_packing_places_whole_conversations_and_drops_the_long_ones(mixture, tok
     assert stats["cropped_fraction"] == pytest.approx(sum(len(i) for i in rendered if len(i) > seq_len + 1)
                                                       / sum(map(len, rendered)))
     # the driver's row count (lengths only) is what the stream packs
-    rows = sum(len(_rows_of(*batch)) for batch in ConversationStream(mixture, tokenizer, "pack", 1, seq_len, loop=False))
+    one_row_batches = ConversationStream(mixture, tokenizer, "pack", 1, seq_len, loop=False)
+    rows = sum(len(_rows_of(*batch)) for batch in one_row_batches)
     assert count_packed_rows([len(ids) for ids in rendered], seq_len + 1) == (rows, long)
 
 

@@ -201,7 +201,8 @@ def test_mixture_is_deterministic_and_oversamples_as_asked(data_dir):
     assert positions != list(range(positions[0], positions[0] + 60))   # shuffled, not one block
     # the same task twice is oversampling too
     twice = TaskMixture([(GSM8K("train", limit=4), 1), (GSM8K("train", limit=4), 1)])
-    assert sorted(json.dumps(twice[i]) for i in range(8)) == sorted(2 * [json.dumps(GSM8K("train")[i]) for i in range(4)])
+    expected = 2 * [json.dumps(GSM8K("train")[i]) for i in range(4)]
+    assert sorted(json.dumps(twice[i]) for i in range(8)) == sorted(expected)
 
 
 def test_mixture_strings_are_checked():

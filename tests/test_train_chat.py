@@ -90,7 +90,8 @@ def test_parent_mistakes_are_one_line(base_dir, tokenizer):
     with pytest.raises(UserError, match=r"sft starts from a mid checkpoint, but there is no complete one in .*"
                                         r"run `raychat train mid` first"):
         make_stage("sft", cfg).preflight()
-    with pytest.raises(UserError, match=r"midtrain.sequence_len \(256\) is longer than the base model's context \(128\)"):
+    with pytest.raises(UserError, match=r"midtrain.sequence_len \(256\) is longer than the base model's "
+                                        r"context \(128\)"):
         make_stage("mid", load_config("demo", ["midtrain.sequence_len=256"])).preflight()
     _save_base(base_dir, tokenizer, step=9, fingerprint="f" * 64)   # the latest base: another tokenizer
     with pytest.raises(UserError, match="was trained with tokenizer ffffffffffff, but the current tokenizer"):
@@ -125,7 +126,8 @@ def runs(ray_cluster, tokenizer, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("RAYCHAT_BASE_DIR", str(base))
     tokenizer.save(base / "tokenizer")
     out = {"base": _save_base(base, tokenizer)}
-    for stage, overrides, parent in (("mid", MID, ["midtrain.parent_run=default"]), ("sft", SFT, ["sft.parent_run=midclean"])):
+    for stage, overrides, parent in (("mid", MID, ["midtrain.parent_run=default"]),
+                                     ("sft", SFT, ["sft.parent_run=midclean"])):
         for kind, extra in (("clean", []), ("killed", [f"run.kill_worker_at_step={KILL_AT}"])):
             cfg = load_config("demo", overrides + parent + [f"run.name={stage}{kind}"] + extra)
             result = fit(cfg, stage=stage)

@@ -118,8 +118,8 @@ def rank_share(num_conversations: int, rank: int, world: int) -> list[int]:
 
 
 class Batcher:
-    """Makes one rank's micro-batches from a cursor: the whole of the stream's logic, without the thread
-    (the stream runs it in one; tests and the driver can run it directly)."""
+    """Makes one rank's micro-batches from a cursor: the whole of the stream's logic except the thread
+    that `ConversationStream` runs it in."""
 
     def __init__(self, conversations: Sequence[dict], tokenizer, mode: str, batch_size: int, seq_len: int,
                  rank: int = 0, world: int = 1, loop: bool = True):

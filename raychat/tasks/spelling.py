@@ -131,7 +131,8 @@ class CountLetter(_GeneratedTask):
             found = (f"The letter '{letter}' is at positions {', '.join(positions[:-1])} and {positions[-1]}, "
                      f"so I count {count}.")
         parts = [
-            {"type": "text", "text": f"Spelling out '{word}': {'-'.join(word)}.\n{found}\n\nChecking with the calculator: "},
+            {"type": "text",
+             "text": f"Spelling out '{word}': {'-'.join(word)}.\n{found}\n\nChecking with the calculator: "},
             {"type": "python", "text": f"'{word}'.count('{letter}')"},
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": f"\n\nThe letter '{letter}' appears {count} time{'' if count == 1 else 's'} "

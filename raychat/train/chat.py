@@ -60,7 +60,8 @@ class ChatStage(Stage):
         parent = self.parent()
         meta = read_meta(parent["path"])
         if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
-            raise UserError(f"{parent['path']} was trained with tokenizer {str(meta.get('tokenizer_fingerprint'))[:12]}, "
+            trained_with = str(meta.get("tokenizer_fingerprint"))[:12]
+            raise UserError(f"{parent['path']} was trained with tokenizer {trained_with}, "
                             f"but the current tokenizer is {tokenizer.fingerprint()[:12]}: use the tokenizer it was "
                             f"trained with")
         context = self.model_config(tokenizer).sequence_len
