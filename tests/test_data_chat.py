@@ -89,6 +89,18 @@ def test_an_assistant_turn_is_exactly_what_sft_learns(tokenizer):
     assert tokenizer.decode(learned) == "Hello!<|assistant_end|>4<|assistant_end|>"
 
 
+def test_the_epoch_changes_when_the_next_pass_is_used(tokenizer):
+    conversations = [{"messages": [{"role": "user", "content": f"{i}"}, {"role": "assistant", "content": "ok"}]}
+                     for i in range(8)]
+    stream = ConversationStream(conversations, tokenizer, "pad", 4, 32)
+    epochs = []
+    for _ in range(3):
+        next(stream)
+        epochs.append(stream.stats()["epoch"])
+    stream.close()
+    assert epochs == [0, 0, 1]   # the 8th conversation ends pass 1; the 9th starts pass 2
+
+
 def test_ranks_read_disjoint_shares_of_equal_size(mixture):
     shares = [rank_share(len(mixture), r, 3) for r in range(3)]
     assert all(len(s) == len(mixture) // 3 for s in shares)

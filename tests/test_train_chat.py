@@ -85,6 +85,34 @@ def test_sft_horizon_counts_conversations_and_lr_starts_at_a_fraction(base_dir):
         make_stage("sft", load_config("demo", SFT + ["sft.total_batch_size=6"]), plan).horizon(2, 0)
 
 
+def test_planned_sft_epochs_do_not_warn_but_repeating_data_does(base_dir):
+    """The loop asks the stage what to say when the data wraps: SFT's second planned pass is silent (and
+    never mentions pretraining shards), a pass beyond the plan is named."""
+    import logging
+
+    from raychat.train.loop import run_stage
+    cfg = load_config("demo", SFT + ["sft.source=base", "sft.num_iterations=-1", "sft.num_epochs=2",
+                                     "sft.mixture=identity:16", "sft.eval_every=0", "sft.save_every=0",
+                                     "sft.total_batch_size=4", "run.name=epochs", "sft.parent_run=default"])
+    stage = make_stage("sft", cfg)
+    stage = make_stage("sft", cfg, stage.preflight())
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("raychat.train").addHandler(handler)
+    try:
+        metrics = run_stage(stage, 0, 1, "cpu", use_deepspeed=False)
+    finally:
+        logging.getLogger("raychat.train").removeHandler(handler)
+    assert metrics["step"] == 8 and not [w for w in warnings if "wrapped" in w]   # 16 conversations x 2 / 4
+    horizon = stage.horizon(1, 0)
+    assert stage.wrap_warning(1, 4, horizon) is None
+    assert stage.wrap_warning(2, 8, horizon).startswith("sft.mixture wrapped into pass 3 at step 8 (100% of the run)")
+    assert "shards" not in stage.wrap_warning(2, 8, horizon)
+    mid = make_stage("mid", load_config("demo", MID), {"num_iterations": 6})
+    assert mid.wrap_warning(1, 6, mid.horizon(2, 0)).startswith("midtrain.mixture wrapped into pass 2 at step 6")
+
+
 def test_parent_mistakes_are_one_line(base_dir, tokenizer):
     cfg = load_config("demo", SFT)   # source=mid, and there is no mid checkpoint
     with pytest.raises(UserError, match=r"sft starts from a mid checkpoint, but there is no complete one in .*"

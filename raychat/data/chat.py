@@ -270,11 +270,15 @@ class ConversationStream:
 
     def stats(self) -> dict:
         """epoch, wait_s (time the consumer waited), cropped_fraction (tokens of dropped or cropped
-        conversations / tokens rendered), dropped and cropped conversations."""
+        conversations / tokens rendered), dropped and cropped conversations.
+
+        The epoch is that of the oldest conversation read but not used yet (packing reads ahead into its
+        buffer), or when none waits, of the last one used: a pass that has just been used up entirely is
+        not yet the next one."""
         c = self._cursor
         lost = c["dropped_tokens"] + c["cropped_tokens"]
-        oldest = min(c["buffer"], default=c["next_seq"])   # packing reads ahead: buffered ones are not used yet
-        return {"epoch": oldest // self.batcher.per_rank, "wait_s": self._wait_s,
+        current = min(c["buffer"], default=max(c["next_seq"] - 1, 0))
+        return {"epoch": current // self.batcher.per_rank, "wait_s": self._wait_s,
                 "cropped_fraction": lost / c["read_tokens"] if c["read_tokens"] else 0.0,
                 "dropped": c["dropped"], "cropped": c["cropped"]}
 

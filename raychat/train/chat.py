@@ -80,6 +80,13 @@ class ChatStage(Stage):
         return ConversationStream(self.mixture(self.section.mixture), tokenizer, self.mode, micro_batch_size,
                                   self.section.sequence_len, rank, world, cursor)
 
+    def wrap_warning(self, epoch: int, step: int, horizon) -> str | None:
+        if epoch < getattr(self.section, "num_epochs", 1):   # SFT's planned passes
+            return None
+        return (f"{self.section_name}.mixture wrapped into pass {epoch + 1} at step {step} "
+                f"({100 * step / horizon.num_iterations:.0f}% of the run): its conversations repeat; use a larger "
+                f"mixture or fewer steps ({self.section_name}.num_iterations)")
+
     # -- evaluation -------------------------------------------------------------------------------------
     def evaluations(self) -> list[Evaluation]:
         return [Evaluation("val_bpb", self.section.eval_every, self.validation_bpb)]
