@@ -28,6 +28,8 @@ demo: install
 	$(VENV)/bin/raychat tokenizer train --preset demo
 	$(VENV)/bin/raychat train base --preset demo
 	$(VENV)/bin/raychat eval base --preset demo
+	$(VENV)/bin/raychat train mid --preset demo
+	$(VENV)/bin/raychat train sft --preset demo
 	$(VENV)/bin/raychat serve --preset demo
 
 clean:

@@ -24,6 +24,10 @@ COMMANDS: dict[tuple[str, str], tuple[str, str, list[tuple[tuple, dict]]]] = {
         (("--num-shards",), {"type": int, "default": None, "help": "train shards (default: from the token budget)"}),
     ]),
     ("train", "base"): ("raychat.train.launch:train_main", "pretrain the base model on Ray Train + DeepSpeed", []),
+    ("train", "mid"): ("raychat.train.launch:train_main",
+                       "mid-train the base model on conversations, tool use and multiple choice", []),
+    ("train", "sft"): ("raychat.train.launch:train_main",
+                       "fine-tune the mid model into a chat model (loss on the assistant's tokens)", []),
     ("eval", "base"): ("raychat.eval.base:main", "bits-per-byte and CORE of a base checkpoint", [
         (("--source",), {"default": "base", "choices": ["base"], "help": "which checkpoint to evaluate"}),
         (("--step",), {"type": int, "default": None, "help": "checkpoint step (default: the latest)"}),
@@ -46,7 +50,7 @@ STAGE_HELP = {
     "config": "inspect presets and overrides",
     "tokenizer": "stage 1: train / evaluate the Rust BPE tokenizer",
     "data": "pretraining data",
-    "train": "training stages (base)",
+    "train": "training stages (base, mid, sft)",
     "eval": "evaluation (base: bpb + CORE)",
 }
 

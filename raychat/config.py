@@ -119,16 +119,35 @@ class PretrainConfig(TrainConfig):
 
 @dataclass
 class MidtrainConfig(TrainConfig):
+    """nanochat's mid-training: the base model on conversations, every token trained, LR as pretraining."""
+    parent_run: str = opt("", help="run of the base checkpoint to start from (its latest complete step); "
+                                   "empty = run.name")
+    mixture: str = opt("smoltalk,mmlu-aux,gsm8k,identity*2,spelling:200000,spelling-bee:80000",
+                       help="conversation tasks, comma-separated name[:N][*K] (N: first N rows / N generated; "
+                            "K: oversample K times), shuffled once with run.seed")
     num_iterations: int = opt(-1, min=-1, help="-1 = one epoch of the mixture")
     warmdown_ratio: float = opt(0.2, min=0.0, max=1.0)
+    eval_every: int = opt(150, min=0, help="0 = only at the end")
 
 
 @dataclass
 class SFTConfig(TrainConfig):
-    device_batch_size: int = opt(4, min=1)
-    total_batch_size: int = opt(32, min=1, help="conversations per optimizer step")
-    num_epochs: int = opt(1, min=1)
-    init_lr_frac: float = opt(0.02, min=0.0, max=1.0)
+    """nanochat's SFT: one conversation per row, loss on the assistant's tokens, LR from a fraction of the
+    base LRs decaying linearly to 0."""
+    source: str = opt("mid", choices=("base", "mid"), help="the stage whose latest checkpoint SFT starts from")
+    parent_run: str = opt("", help="run of the source checkpoint; empty = run.name")
+    mixture: str = opt("arc-easy,arc-challenge,gsm8k,smoltalk:10000,identity,spelling:300,spelling-bee:300",
+                       help="conversation tasks, comma-separated name[:N][*K] (as midtrain.mixture)")
+    compile: bool = opt(False, help="torch.compile the training forward (GPU only); off by default: every "
+                                    "micro-batch has its own width (nanochat's SFT runs eager too)")
+    device_batch_size: int = opt(4, min=1, help="conversations (rows) per worker per micro-step")
+    total_batch_size: int = opt(32, min=1, help="conversations per optimizer step, all workers together")
+    num_epochs: int = opt(1, min=1, help="passes over the mixture when num_iterations = -1")
+    init_lr_frac: float = opt(0.02, min=0.0, max=1.0, help="learning rates start at this fraction of the "
+                                                           "embedding/unembedding/matrix LRs")
+    warmdown_ratio: float = opt(1.0, min=0.0, max=1.0, help="1.0 = linear decay over the whole run")
+    eval_every: int = opt(100, min=0, help="0 = only at the end")
+    eval_tokens: int = opt(400 * 2048, min=1, help="held-out positions (rows x length) for val bpb")
 
 
 @dataclass
@@ -247,6 +266,13 @@ class Config:
             if isinstance(section, PretrainConfig) and section.sequence_len > section.max_seq_len:
                 raise ConfigError(f"{stage}.sequence_len ({section.sequence_len}) must be <= {stage}.max_seq_len "
                                   f"({section.max_seq_len})")
+        from raychat.common import UserError
+        from raychat.tasks.mixture import parse_mixture
+        for stage in ("midtrain", "sft"):
+            try:
+                parse_mixture(getattr(self, stage).mixture, f"{stage}.mixture")
+            except UserError as error:
+                raise ConfigError(str(error)) from None
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ConfigError(f"serve.min_replicas ({self.serve.min_replicas}) must be <= serve.max_replicas "
                               f"({self.serve.max_replicas})")
@@ -351,14 +377,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "midtrain.device_batch_size": 8,
         "midtrain.total_batch_size": 4096,
         "midtrain.eval_tokens": 8192,
+        "midtrain.mixture": "smoltalk,mmlu-aux:1000,gsm8k:400,identity:300*2,spelling:400,spelling-bee:100",
+        "sft.sequence_len": 256,
         "sft.device_batch_size": 4,
         "sft.total_batch_size": 8,
+        "sft.eval_tokens": 8192,
+        "sft.mixture": "arc-easy:200,arc-challenge:100,gsm8k:100,smoltalk,identity:200,spelling:100,spelling-bee:100",
         "rl.num_workers": 2, "rl.use_gpu": False, "rl.num_rollout_actors": 1,
         "rl.num_samples": 4, "rl.examples_per_step": 2, "rl.max_new_tokens": 32,
         "eval.num_actors": 2, "eval.use_gpu": False, "eval.core_max_per_task": 16,
         "eval.bpb_tokens": 16384, "eval.batch_size": 8, "eval.max_problems": 16,
         "serve.use_gpu": False, "serve.cpus_per_replica": 1.0, "serve.max_batch_size": 32,
-        "serve.default_max_tokens": 64, "serve.source": "base",
+        "serve.default_max_tokens": 64, "serve.source": "sft",
     },
     "d20": _gpu_tier(20, 32),   # 561 M parameters, ~4 h on 8xH100 (nanochat's $100 run)
     "d26": _gpu_tier(26, 16),   # ~1.1 B parameters, ~12 h

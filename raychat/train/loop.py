@@ -146,10 +146,9 @@ def run_stage(stage: Stage, rank: int, world: int, device: str, use_deepspeed: b
         if "epoch" in data:
             first_epoch = data["epoch"] if first_epoch is None else first_epoch
             if data["epoch"] > first_epoch and rank == 0:
-                log.warning(f"the training data wrapped into epoch {data['epoch'] + 1} at step {done} "
-                            f"({100 * done / horizon.num_iterations:.0f}% of the run): the shards hold fewer "
-                            f"tokens than the horizon needs, so documents repeat; fetch more shards "
-                            f"(data.num_shards) or shorten the run")
+                message = stage.wrap_warning(data["epoch"], done, horizon)
+                if message:
+                    log.warning(message)
                 first_epoch = data["epoch"]
         if rank == 0 and (done % section.log_every == 0 or done == horizon.num_iterations or done == start_step + 1):
             eta = (time_timed / max(steps_timed, 1)) * (horizon.num_iterations - done)

@@ -28,6 +28,8 @@ from raychat.train.step import Schedule, token_loss_sum
 
 STAGES = {
     "base": "raychat.train.base:BaseStage",
+    "mid": "raychat.train.mid:MidStage",
+    "sft": "raychat.train.sft:SFTStage",
 }
 
 
@@ -113,6 +115,13 @@ class Stage:
 
     def evaluations(self) -> list[Evaluation]:
         return []
+
+    def wrap_warning(self, epoch: int, step: int, horizon: Horizon) -> str | None:
+        """What the loop warns when the training data enters epoch `epoch` (0-based) at `step`; None when
+        the stage planned it (SFT's num_epochs)."""
+        return (f"the training data wrapped into epoch {epoch + 1} at step {step} "
+                f"({100 * step / horizon.num_iterations:.0f}% of the run): the shards hold fewer tokens than the "
+                f"horizon needs, so documents repeat; fetch more shards (data.num_shards) or shorten the run")
 
     def after_step(self, ctx: RunContext, step: int, result) -> None:
         """Called on every rank after each optimizer step (RL: publish the new weights)."""
