@@ -9,6 +9,7 @@ chooses its fault by a marker word in its message (a test cannot otherwise reach
 replica imports this module, so its runtime_env puts tests/ on PYTHONPATH (`instrumented_app`).
 """
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from raychat.model import GPTConfig, build_model
 from serve.app import ChatService
 
 TESTS = Path(__file__).resolve().parent
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 # marker words (in a user message) and what they do
 SLOW_TOKENIZE = "SLOWTOKENIZE"   # rendering the conversation takes `tokenize_delay_s`
@@ -35,6 +38,21 @@ def tiny_model(tokenizer, depth: int = 2, sequence_len: int = 256, seed: int = 0
             if name.endswith("c_proj.weight") or name == "lm_head.weight":
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     return model.eval()
+
+
+def save_checkpoint(tokenizer, base: Path) -> Path:
+    """A RAYCHAT_BASE_DIR holding the tokenizer and a tiny sft checkpoint."""
+    from raychat.checkpoint import save_model
+    tokenizer.save(base / "tokenizer")
+    save_model(base / "checkpoints" / "sft" / "default" / "step_000000", tiny_model(tokenizer),
+               {"step": 0, "tokenizer_fingerprint": tokenizer.fingerprint()})
+    return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class FaultyBatch:
