@@ -154,7 +154,7 @@ class ServeConfig:
     host: str = opt("127.0.0.1", help="address `raychat serve` binds; anything but loopback should set api_key")
     port: int = opt(8000, min=1, max=65535)
     source: str = opt("sft", choices=("base", "mid", "sft", "rl"))
-    step: int = opt(-1, min=-1, help="checkpoint step to serve; -1 = the latest")
+    step: int = opt(-1, min=-1, max=10**9, help="checkpoint step to serve; -1 = the latest")
     num_replicas: int = opt(1, min=1, max=1024)
     min_replicas: int = opt(1, min=0, max=1024)
     max_replicas: int = opt(1, min=1, max=1024)

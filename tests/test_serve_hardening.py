@@ -32,13 +32,13 @@ KEY = f"test-key-{secrets.token_hex(8)}"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BATCH, QUEUED, ROUTER_QUEUE = 4, 4, 16
 ONGOING = BATCH + QUEUED + 16          # the replica's max_ongoing_requests (serve.app.deployment_options)
-BODY_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 3.0
 MAX_TOTAL_CHARS = 4000
 BODY_LIMIT = 12 * MAX_TOTAL_CHARS + 64 * 1024  # serve.protocol.Limits.max_body_bytes
 TOKENS_PER_REQUEST = 600
 PREFILL_BUDGET = 64
 STEP_S = 0.02
-FAULTS = {"step_delay_s": STEP_S, "prefill_s_per_token": 0.004, "tokenize_delay_s": 2.0, "fail_after_steps": 25}
+FAULTS = {"step_delay_s": STEP_S, "prefill_s_per_token": 0.006, "tokenize_delay_s": 3.0, "fail_after_steps": 25}
 TEXT = re.compile(rb'"content": "[^"]')  # a chunk that carries text (the opening chunk's content is "")
 SERVE_CONTROL_HEADERS = {"x-request-disconnect-disabled": "?1", "x-request-timeout-seconds": "0"}
 
@@ -145,7 +145,7 @@ def test_a_body_that_trickles_in_gets_408_even_when_the_client_asks_serve_for_no
         stop.set()
         sender.join()
         sock.close()
-    assert status == 408 and "did not arrive within 2 s" in json.loads(answer)["error"]["message"]
+    assert status == 408 and "did not arrive within 3 s" in json.loads(answer)["error"]["message"]
     assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - started < BODY_TIMEOUT_S + 4
     assert httpx.post(f"{url}/v1/chat/completions", json=chat(max_tokens=4), headers=AUTH, timeout=30).status_code == 200
 
@@ -337,19 +337,19 @@ def test_tokenizing_a_conversation_does_not_block_the_event_loop(client, url):
     slow = threading.Thread(target=lambda: client.post("/v1/chat/completions",
                                                        json=chat(f"{SLOW_TOKENIZE} this", max_tokens=4)))
     slow.start()
-    time.sleep(0.3)  # the replica is now tokenizing for 2 s
+    time.sleep(0.3)  # the replica is now tokenizing for 3 s
     started = time.monotonic()
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     waited = time.monotonic() - started
     slow.join()
-    assert waited < 1.0
+    assert waited < 1.5  # (on the event loop it would wait ~2.7 s)
 
 
 def test_a_burst_of_long_prefills_delays_a_running_stream_by_one_prefill_at_most(url, tokenizer):
     long_prompt = f"{SLOW_PREFILL} " + " ".join(f"word{i}" for i in range(40))
     tokens = len(tokenizer.render_for_completion(chat(long_prompt)))
     prefill_s = FAULTS["prefill_s_per_token"] * tokens
-    assert tokens > PREFILL_BUDGET and 0.25 < prefill_s < 0.6  # each one is prefilled alone, in ~0.4 s
+    assert tokens > PREFILL_BUDGET and 0.5 < prefill_s < 1.0  # each one is prefilled alone, in ~0.7 s
     wait_idle(url)
     arrivals = []
 
@@ -360,18 +360,25 @@ def test_a_burst_of_long_prefills_delays_a_running_stream_by_one_prefill_at_most
                 if TEXT.search(line.encode()):
                     arrivals.append(time.monotonic())
 
+    def post(body):
+        return httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60, json=body).status_code
+
     stream = threading.Thread(target=running_stream)
     stream.start()
     time.sleep(0.6)
-    with ThreadPoolExecutor(BATCH - 1) as pool:  # fills the other slots at once: 3 prefills of ~0.4 s
-        codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60,
-                                                    json=chat(long_prompt, max_tokens=3)).status_code,
-                              range(BATCH - 1)))
+    with ThreadPoolExecutor(BATCH) as pool:
+        # one request of BATCH - 1 greedy choices fills the other slots and frees them all at the same step;
+        # the long prompts queue behind it and find those slots free together
+        blocker = pool.submit(post, chat("block", n=BATCH - 1, max_tokens=40, temperature=0))
+        time.sleep(0.1)
+        codes = [blocker, *[pool.submit(post, chat(long_prompt, max_tokens=3)) for _ in range(BATCH - 1)]]
+        codes = [future.result() for future in codes]
     stream.join()
-    assert codes == [200] * (BATCH - 1)
+    assert codes == [200] * BATCH
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    # one prefill (+ a step and the streaming interval) between two of its tokens, not all three at once
-    assert max(gaps) < prefill_s + 0.35, sorted(gaps)[-5:]
+    # one prefill (+ a step) between two of its tokens, not all three at once (the bound is halfway between
+    # one and three prefills: this machine may be busy with other work)
+    assert max(gaps) < 2 * prefill_s, sorted(gaps)[-5:]
 
 
 # ---------------------------------------------------------------------------------------- the web UI
