@@ -96,6 +96,8 @@ class Scheduler:
         self.decode_steps = 0
         self.prefill_s = 0.0    # time in batch.add() (one forward pass over each admitted prompt)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step over the last 10 s
+        self._pauses: deque[tuple[float, float]] = deque()  # (time, seconds) running sequences waited on
+                                                            # prefills between two steps, last 10 s
         self._thread = threading.Thread(target=self._run, name="raychat-scheduler", daemon=True)
         self._thread.start()
 
@@ -144,6 +146,8 @@ class Scheduler:
                 "prefill_s_total": round(self.prefill_s, 3),
                 "decode_ms_per_step": round(1000 * self.decode_s / max(1, self.decode_steps), 2),
                 "prefill_ms_per_sequence": round(1000 * self.prefill_s / max(1, self.sequences_total), 2),
+                "prefill_pause_ms_max_10s": round(1000 * max((p for t, p in self._pauses if t > now - 10.0),
+                                                             default=0.0), 1),
                 "busy_fraction": round((self.decode_s + self.prefill_s) / max(1e-9, now - self.started), 3),
                 "uptime_s": round(now - self.started, 1),
             }
@@ -226,6 +230,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Prefill the sequences in `_admitting`; each leaves that list once it is in the batch or failed."""
+        started, running = time.perf_counter(), bool(self._active)
         while self._admitting:
             seq = self._admitting[0]
             cancelled = seq.done  # its client went away on its way into the batch
@@ -234,6 +239,12 @@ class Scheduler:
             with self._lock:
                 self._admitting.pop(0)
                 self.cancelled_total += cancelled
+        if running:  # how long the running sequences waited for their next token because of prefills
+            now = time.time()
+            with self._lock:
+                self._pauses.append((now, time.perf_counter() - started))
+                while self._pauses and self._pauses[0][0] < now - 10.0:
+                    self._pauses.popleft()
 
     def _prefill(self, seq: Sequence) -> None:
         started = time.perf_counter()

@@ -26,7 +26,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 SLOW_TOKENIZE = "SLOWTOKENIZE"   # rendering the conversation takes `tokenize_delay_s`
 SLOW_PREFILL = "SLOWPREFILL"     # the prefill takes `prefill_s_per_token` per prompt token
 FAIL_PREFILL = "FAILPREFILL"     # the prefill raises
-FAIL_STEP = "FAILSTEP"           # the decode step raises once this sequence has had `fail_after_steps` steps
+FAIL_STEP = "FAILSTEP"           # the batch's decode step raises `fail_after_steps` steps after this prefill
 KILL_SCHEDULER = "KILLSCHEDULER"  # as FAIL_STEP, and rebuilding the batch fails too: the scheduler thread dies
 
 
@@ -60,7 +60,9 @@ class FaultyBatch:
 
     def __init__(self, batch, engine: "FaultyEngine"):
         self.batch, self.engine = batch, engine
-        self.failing: dict[int, int] = {}  # slot -> steps left before the step fails
+        self.steps = 0
+        self.fail_at_step: int | None = None  # counted in batch steps: whether or not the marked sequence
+                                              # has stopped by then, the batch it joined fails
 
     def add(self, prompt, **kwargs):
         self.engine.calls.append(("add", len(prompt)))
@@ -71,22 +73,17 @@ class FaultyBatch:
             time.sleep(self.engine.faults.get("prefill_s_per_token", 0.0) * len(prompt))
         slot = self.batch.add(prompt, **kwargs)
         if FAIL_STEP in text or KILL_SCHEDULER in text:
-            self.failing[slot] = self.engine.faults.get("fail_after_steps", 10)
+            self.fail_at_step = self.steps + self.engine.faults.get("fail_after_steps", 10)
             self.engine.broken |= KILL_SCHEDULER in text
         return slot
 
     def step(self):
         self.engine.calls.append(("step", self.batch.num_active))
         time.sleep(self.engine.faults.get("step_delay_s", 0.0))
-        for slot in self.failing:
-            self.failing[slot] -= 1
-            if self.failing[slot] <= 0:
-                raise RuntimeError("injected decode step failure: secret internal detail")
+        self.steps += 1
+        if self.fail_at_step is not None and self.steps >= self.fail_at_step:
+            raise RuntimeError("injected decode step failure: secret internal detail")
         return self.batch.step()
-
-    def remove(self, slot):
-        self.failing.pop(slot, None)
-        return self.batch.remove(slot)
 
     def __getattr__(self, name):
         return getattr(self.batch, name)

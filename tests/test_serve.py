@@ -1,6 +1,6 @@
 """The chat service on a real Ray Serve instance on 127.0.0.1, serving a tiny checkpoint: the official
-openai client, 30+ malformed requests, 32 concurrent streams, a disconnect, the terminal chat, and the
-web UI in headless Chromium. One deployment for the whole module (Serve takes ~15 s to start). What a
+openai client, 30+ malformed requests, 32 concurrent streams, the terminal chat, and the web UI in
+headless Chromium. One deployment for the whole module (Serve takes ~15 s to start). What a
 hostile client tries (and capacity, failures, disconnects at any moment) is in test_serve_hardening.py."""
 import asyncio
 import json
@@ -182,22 +182,6 @@ def test_32_concurrent_streaming_clients_are_batched_and_all_complete(url):
     after = wait_idle(url)
     assert after["peak_active_sequences"] == BATCH  # decoded together, up to the batch size
     assert after["tokens_total"] - before > 32
-
-
-def test_a_client_that_disconnects_frees_its_slot(url):
-    before = wait_idle(url)
-    with httpx.Client(base_url=url, timeout=30) as client:
-        with client.stream("POST", "/v1/chat/completions", json={
-                "messages": [USER], "stream": True, "max_tokens": 230, "temperature": 1.0, "seed": 1}) as response:
-            lines = response.iter_lines()
-            first = [next(lines) for _ in range(6)]
-            assert any(line.startswith("data: ") for line in first)
-            assert stats(url)["active_sequences"] == 1
-        # leaving the block closes the connection mid-stream
-    after = wait_idle(url, timeout=5)
-    assert after["active_sequences"] == 0
-    assert after["cancelled_total"] == before["cancelled_total"] + 1
-    assert after["tokens_total"] - before["tokens_total"] < 200  # stopped long before max_tokens
 
 
 # ------------------------------------------------------------------------------------ terminal chat
