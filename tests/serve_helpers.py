@@ -83,7 +83,10 @@ class FaultyBatch:
         self.steps += 1
         if self.fail_at_step is not None and self.steps >= self.fail_at_step:
             raise RuntimeError("injected decode step failure: secret internal detail")
-        return self.batch.step()
+        events = self.batch.step()
+        if not self.batch.num_active:  # everything it could have failed has finished: disarm
+            self.fail_at_step, self.engine.broken = None, False
+        return events
 
     def __getattr__(self, name):
         return getattr(self.batch, name)
