@@ -185,7 +185,7 @@ class ChatService:
         if not self.scheduler.alive:
             raise RuntimeError("the scheduler thread has stopped")
 
-    def _admit(self, request: Request) -> None:
+    def _check_access(self, request: Request) -> None:
         """Host and API key: every route but /health."""
         check_host(request, self.allowed_hosts)
         check_api_key(request, self.api_key)
@@ -205,12 +205,12 @@ class ChatService:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
-        self._admit(request)
+        self._check_access(request)
         return JSONResponse({"object": "list", "data": [self.model_info]})
 
     @app.get("/stats")
     async def stats(self, request: Request) -> JSONResponse:
-        self._admit(request)
+        self._check_access(request)
         context = serve.get_replica_context()
         return JSONResponse({"model": self.model_id, "replicas": await asyncio.to_thread(_running_replicas),
                              "replica": context.replica_id.unique_id, **self.scheduler.stats()})
@@ -228,7 +228,7 @@ class ChatService:
             raise APIError(500, internal_error(completion_id), code="internal") from None
 
     async def _chat_completions(self, request: Request, completion_id: str):
-        self._admit(request)
+        self._check_access(request)
         check_json_content_type(request)
         body = await read_body(request, self.limits.max_body_bytes, self.cfg.body_timeout_s)
         chat, params = parse_chat_request(body, self.limits)

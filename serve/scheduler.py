@@ -108,7 +108,7 @@ class Scheduler:
         with self._lock:
             if self._stopped:
                 raise Unavailable("the replica's scheduler has stopped; Serve replaces this replica")
-            in_use = len(self._active) + len(self._waiting)
+            in_use = len(self._active) + len(self._admitting) + len(self._waiting)
             if in_use + len(sequences) > self.max_batch_size + self.max_queued:
                 self.rejected_total += 1
                 raise Overloaded(self._retry_after())
