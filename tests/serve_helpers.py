@@ -27,7 +27,8 @@ SLOW_TOKENIZE = "SLOWTOKENIZE"   # rendering the conversation takes `tokenize_de
 SLOW_PREFILL = "SLOWPREFILL"     # the prefill takes `prefill_s_per_token` per prompt token
 FAIL_PREFILL = "FAILPREFILL"     # the prefill raises
 FAIL_STEP = "FAILSTEP"           # the batch's decode step raises `fail_after_steps` steps after this prefill
-KILL_SCHEDULER = "KILLSCHEDULER"  # as FAIL_STEP, and rebuilding the batch fails too: the scheduler thread dies
+KILL_SCHEDULER = "KILLSCHEDULER"  # the same `kill_after_steps` steps after it, and rebuilding the batch fails
+                                  # too: the scheduler thread dies
 
 
 def tiny_model(tokenizer, depth: int = 2, sequence_len: int = 256, seed: int = 0):
@@ -72,9 +73,11 @@ class FaultyBatch:
         if SLOW_PREFILL in text:
             time.sleep(self.engine.faults.get("prefill_s_per_token", 0.0) * len(prompt))
         slot = self.batch.add(prompt, **kwargs)
-        if FAIL_STEP in text or KILL_SCHEDULER in text:
-            self.fail_at_step = self.steps + self.engine.faults.get("fail_after_steps", 10)
-            self.engine.broken |= KILL_SCHEDULER in text
+        if FAIL_STEP in text:
+            self.fail_at_step = self.steps + self.engine.faults.get("fail_after_steps", 5)
+        if KILL_SCHEDULER in text:
+            self.fail_at_step = self.steps + self.engine.faults.get("kill_after_steps", 5)
+            self.engine.broken = True
         return slot
 
     def step(self):

@@ -160,7 +160,7 @@ def scheduler(engine):
 def faulty(engine):
     """A scheduler on the real engine wrapped with the injected faults of serve_helpers (slow steps, so that
     requests overlap)."""
-    faulty_engine = FaultyEngine(engine, {"step_delay_s": 0.005, "fail_after_steps": 5})
+    faulty_engine = FaultyEngine(engine, {"step_delay_s": 0.005, "fail_after_steps": 5, "kill_after_steps": 5})
     scheduler = Scheduler(faulty_engine, max_batch_size=2, max_queued=4, prefill_tokens_per_step=64)
     yield scheduler
     scheduler.shutdown()
