@@ -180,22 +180,33 @@ class EvalConfig:
 
 @dataclass
 class ServeConfig:
-    host: str = opt("127.0.0.1")
+    host: str = opt("127.0.0.1", help="address `raychat serve` binds; anything but loopback should set api_key")
     port: int = opt(8000, min=1, max=65535)
     source: str = opt("sft", choices=("base", "mid", "sft", "rl"))
-    step: int = opt(-1, min=-1, help="checkpoint step to serve; -1 = the latest")
+    step: int = opt(-1, min=-1, max=10**9, help="checkpoint step to serve; -1 = the latest")
     num_replicas: int = opt(1, min=1, max=1024)
     min_replicas: int = opt(1, min=0, max=1024)
     max_replicas: int = opt(1, min=1, max=1024)
-    target_ongoing_requests: float = opt(16.0, min=0.1)
+    target_ongoing_requests: float = opt(16.0, min=0.1, max=4096.0)
     use_gpu: bool = opt(True)
-    cpus_per_replica: float = opt(1.0, min=0.0)
+    cpus_per_replica: float = opt(1.0, min=0.0, max=256.0)
     max_batch_size: int = opt(32, min=1, max=1024, help="sequences decoded together per replica")
-    max_queued: int = opt(64, min=0, help="sequences waiting for a batch slot; more get 429 + Retry-After")
-    max_messages: int = opt(64, min=1)
-    max_chars_per_message: int = opt(8000, min=1)
-    max_total_chars: int = opt(32000, min=1)
+    max_queued: int = opt(64, min=0, max=4096, help="sequences waiting for a batch slot; more get 429 + Retry-After")
+    max_queued_requests: int = opt(64, min=1, max=4096, help="requests Serve's router holds while every replica's "
+                                                            "request slots are taken; more get 429 + Retry-After")
+    max_tokens_per_request: int = opt(8192, min=1, max=65536, help="n x max_tokens of one request (400 above)")
+    prefill_tokens_per_step: int = opt(512, min=1, max=65536, help="prompt tokens prefilled between two decode steps "
+                                                                  "(one longer prompt is prefilled alone)")
+    max_messages: int = opt(64, min=1, max=1024)
+    max_chars_per_message: int = opt(8000, min=1, max=1_000_000)
+    max_total_chars: int = opt(32000, min=1, max=1_000_000)
     default_max_tokens: int = opt(512, min=1, max=4096)
+    body_timeout_s: float = opt(10.0, min=0.1, max=600.0, help="a request body must arrive within this many seconds "
+                                                             "(408 otherwise)")
+    api_key: str = opt("", help="when set (or RAYCHAT_API_KEY), every endpoint but / and /health needs "
+                                "'Authorization: Bearer <key>'")
+    allowed_hosts: str = opt("", help="Host header names accepted, comma-separated (DNS-rebinding guard); "
+                                      "empty = loopback names when host is loopback, else any; '*' = any")
     access_log: bool = opt(False, help="Serve's per-request access log (costs CPU per request)")
     stream_interval_ms: int = opt(20, min=0, max=1000, help="after the first token, send a stream's new text at "
                                                           "most this often (fewer, larger chunks); 0 = every token")

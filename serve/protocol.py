@@ -3,7 +3,8 @@
 Pure Python (pydantic), no Ray and no torch, so the rules are easy to read and to test. A bad request
 is answered with an `APIError`: its HTTP status and a JSON body in OpenAI's shape that names the field:
 
-- 400  the body is not UTF-8 / not JSON / not an object; roles in the wrong order; unsupported options
+- 400  the body is not UTF-8 / not JSON / not an object; roles in the wrong order; unsupported options;
+       more choices (`n`) than a replica decodes together; `n` x `max_tokens` over the per-request budget
 - 413  the body, the number of messages, or the characters per message or in total are over the limits
 - 422  a field has the wrong type, a missing value, or a value out of range (temperature 0-2, ...)
 """
@@ -29,7 +30,8 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
-        kind = {413: "request_too_large", 429: "rate_limit_exceeded", 503: "service_unavailable"}
+        kind = {401: "authentication_error", 408: "timeout", 413: "request_too_large", 429: "rate_limit_exceeded",
+                500: "server_error", 503: "service_unavailable"}
         return {"error": {"message": self.message, "type": kind.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
 
@@ -41,6 +43,8 @@ class Limits:
     max_chars_per_message: int = 8000
     max_total_chars: int = 32000
     default_max_tokens: int = 512
+    max_batch_size: int = 32            # a request's n choices must fit in one batch together
+    max_tokens_per_request: int = 8192  # n x max_tokens
 
     @property
     def max_body_bytes(self) -> int:
@@ -223,11 +227,21 @@ def _sampling_params(request: ChatCompletionRequest, limits: Limits) -> Sampling
         if not s or len(s) > MAX_STOP_CHARS:
             raise APIError(422, f"stop: each stop string must have 1 to {MAX_STOP_CHARS} characters",
                            param="stop", code="invalid_value")
-    max_tokens = request.max_completion_tokens or request.max_tokens or limits.default_max_tokens
+    n = request.n or 1
+    if n > limits.max_batch_size:  # its choices could never be decoded together: refuse, not 429 forever
+        raise APIError(400, f"n: {n} choices, but a replica decodes at most {limits.max_batch_size} sequences "
+                            f"together", param="n", code="too_many_choices")
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    if max_tokens is None:  # not asked for: the default, lowered to fit the per-request budget
+        max_tokens = max(1, min(limits.default_max_tokens, limits.max_tokens_per_request // n))
+    if n * max_tokens > limits.max_tokens_per_request:
+        raise APIError(400, f"max_tokens: n x max_tokens is {n} x {max_tokens} = {n * max_tokens} tokens; the limit "
+                            f"per request is {limits.max_tokens_per_request}", param="max_tokens",
+                       code="too_many_tokens")
     top_k = request.top_k or None  # 0 means no top-k
     top_p = request.top_p if request.top_p is not None and request.top_p < 1.0 else None
     return SamplingParams(max_tokens=max_tokens, temperature=1.0 if request.temperature is None else request.temperature,
-                          top_k=top_k, top_p=top_p, seed=request.seed, stop=tuple(stop), n=request.n or 1)
+                          top_k=top_k, top_p=top_p, seed=request.seed, stop=tuple(stop), n=n)
 
 
 def conversation(request: ChatCompletionRequest) -> dict:

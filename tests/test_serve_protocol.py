@@ -1,7 +1,9 @@
-"""The chat service's parts that need no Ray: request validation, UTF-8-safe streaming text, and the
-continuous-batching scheduler driving a real (tiny) engine."""
+"""The chat service's parts that need no Ray: request validation, UTF-8-safe streaming text, the Host
+rule, and the continuous-batching scheduler driving a real (tiny) engine, with injected failures."""
 import asyncio
 import json
+import logging
+import time
 
 import pytest
 import torch
@@ -9,11 +11,13 @@ import torch
 from raychat.engine import Engine
 from raychat.streaming import TextStream
 from serve.app import _decode
+from serve.guard import LOOPBACK_NAMES, allowed_host_names
 from serve.protocol import APIError, Limits, parse_chat_request
-from serve.scheduler import Overloaded, Scheduler, Sequence
-from serve_helpers import tiny_model
+from serve.scheduler import Overloaded, Scheduler, Sequence, Unavailable
+from serve_helpers import FAIL_PREFILL, FAIL_STEP, KILL_SCHEDULER, FaultyEngine, tiny_model
 
-LIMITS = Limits(max_messages=8, max_chars_per_message=100, max_total_chars=250, default_max_tokens=32)
+LIMITS = Limits(max_messages=8, max_chars_per_message=100, max_total_chars=250, default_max_tokens=32,
+                max_batch_size=4, max_tokens_per_request=100)
 USER = {"role": "user", "content": "hi"}
 
 
@@ -31,6 +35,19 @@ def status_of(body) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------------------ validation
+
+def test_without_max_tokens_the_default_is_lowered_to_fit_the_per_request_budget():
+    _, params = parse({"messages": [USER], "n": 4})
+    assert params.max_tokens == 25 and params.n == 4  # 100 // 4, under the default of 32
+    _, params = parse({"messages": [USER], "n": 4, "max_tokens": 25})
+    assert params.max_tokens == 25
+
+
+def test_allowed_hosts_default_to_loopback_names_on_a_loopback_bind():
+    assert allowed_host_names("", "127.0.0.1") == LOOPBACK_NAMES == allowed_host_names("", "::1")
+    assert allowed_host_names("", "0.0.0.0") is None and allowed_host_names("*", "127.0.0.1") is None
+    assert allowed_host_names(" chat.example.com, LOCALHOST ", "0.0.0.0") == {"chat.example.com", "localhost"}
+
 
 def test_valid_request_resolves_defaults_and_options():
     request, params = parse({"messages": [{"role": "system", "content": "be brief"}, USER,
@@ -82,6 +99,9 @@ def test_valid_request_resolves_defaults_and_options():
     ({"messages": [{"role": "user", "content": "\ud800"}]}, 400, "surrogate"),
     ({"messages": [USER], "presence_penalty": 1.0}, 400, "presence_penalty"),
     ({"messages": [USER], "logprobs": True}, 400, "logprobs"),
+    ({"messages": [USER], "n": 5}, 400, "at most 4 sequences"),            # more choices than the batch holds
+    ({"messages": [USER], "n": 4, "max_tokens": 26}, 400, "4 x 26 = 104"),  # over max_tokens_per_request
+    ({"messages": [USER], "max_completion_tokens": 101}, 400, "limit per request is 100"),
 ])
 def test_bad_requests_get_the_documented_status_and_name_the_problem(body, status, needle):
     got_status, message = status_of(body)
@@ -136,27 +156,56 @@ def scheduler(engine):
     scheduler.shutdown()
 
 
-def submit(scheduler, tokenizer, text, max_tokens=24, temperature=0.0, seed=1, n=1):
+@pytest.fixture
+def faulty(engine):
+    """A scheduler on the real engine wrapped with the injected faults of serve_helpers (slow steps, so that
+    requests overlap)."""
+    faulty_engine = FaultyEngine(engine, {"step_delay_s": 0.005, "fail_after_steps": 5, "kill_after_steps": 5})
+    scheduler = Scheduler(faulty_engine, max_batch_size=2, max_queued=4, prefill_tokens_per_step=64)
+    yield scheduler
+    scheduler.shutdown()
+
+
+@pytest.fixture
+def serve_log():
+    """The lines the service logs (its logger does not propagate to pytest's caplog)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(logging.Formatter().format(record))
+    logger = logging.getLogger("raychat.serve")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+
+
+def submit(scheduler, tokenizer, text, max_tokens=24, temperature=0.0, seed=1, n=1, request_id="req"):
     loop = asyncio.get_running_loop()
     queue = asyncio.Queue()
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": text}]})
     sequences = [Sequence(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=None, top_p=None,
-                          seed=seed + i, index=i, queue=queue, loop=loop) for i in range(n)]
+                          seed=seed + i, index=i, queue=queue, loop=loop, request_id=request_id)
+                 for i in range(n)]
     scheduler.submit(sequences)
     return sequences, queue
 
 
-async def collect(scheduler, tokenizer, text, stop=(), **kwargs):
+async def collect(scheduler, tokenizer, text, stop=(), expect_error=False, **kwargs):
+    """(texts, finish reasons) of one request; with expect_error, its error message instead."""
     from serve.protocol import SamplingParams
     sequences, queue = submit(scheduler, tokenizer, text, **kwargs)
     params = SamplingParams(max_tokens=0, temperature=0, top_k=None, top_p=None, seed=None, stop=tuple(stop),
                             n=len(sequences))
     texts, reasons = [""] * len(sequences), [None] * len(sequences)
     async for deltas, finished, error, _ in _decode(tokenizer, sequences, queue, params, scheduler):
+        if expect_error:
+            if error:
+                return error
+            continue
         assert error is None
         for i, t in deltas.items():
             texts[i] += t
         reasons = [finished.get(i, r) for i, r in enumerate(reasons)]
+    assert not expect_error, "the request was expected to fail"
     return texts, reasons
 
 
@@ -210,12 +259,89 @@ def test_overload_is_refused_and_disconnects_free_slots(scheduler, tokenizer):
     asyncio.run(run())
 
 
-def test_a_prompt_too_long_for_the_context_fails_alone(scheduler, tokenizer):
+def test_a_prompt_too_long_for_the_context_fails_alone(scheduler, tokenizer, serve_log):
     async def run():
-        sequences, queue = submit(scheduler, tokenizer, "word " * 400)
+        sequences, queue = submit(scheduler, tokenizer, "word " * 400, request_id="chatcmpl-long")
         index, token, finished, reason, error = await asyncio.wait_for(queue.get(), 10)
-        assert finished and error and "max_seq_len" in error
+        assert finished and error and "chatcmpl-long" in error and "max_seq_len" not in error  # details: the log
         texts, _ = await collect(scheduler, tokenizer, "short")
         assert texts[0]
 
     asyncio.run(run())
+    log = "\n".join(serve_log)
+    assert "prefill failed for request chatcmpl-long" in log and "max_seq_len" in log
+
+
+# ------------------------------------------------------------------------------- failures, injected
+
+def test_a_failing_prefill_fails_its_request_and_every_other_one_is_served(faulty, tokenizer, serve_log):
+    async def run():
+        return await asyncio.gather(
+            collect(faulty, tokenizer, "first", max_tokens=30, request_id="a"),
+            collect(faulty, tokenizer, "second", max_tokens=30, request_id="b"),
+            collect(faulty, tokenizer, f"{FAIL_PREFILL} please", expect_error=True, request_id="chatcmpl-bad"),
+            *[collect(faulty, tokenizer, f"waiting {i}", max_tokens=10, request_id=f"w{i}") for i in range(3)])
+
+    first, second, error, *waiting = asyncio.run(asyncio.wait_for(run(), 60))
+    assert "internal error" in error and "chatcmpl-bad" in error and "secret" not in error
+    assert all(texts[0] and reasons[0] in ("length", "stop") for texts, reasons in [first, second, *waiting])
+    log = "\n".join(serve_log)
+    assert "prefill failed for request chatcmpl-bad" in log and "secret internal detail" in log
+    assert faulty.alive and faulty.stats()["active_sequences"] == 0
+
+
+def test_a_failing_step_fails_the_batch_and_the_waiting_requests_are_still_served(faulty, tokenizer):
+    async def run():
+        return await asyncio.gather(
+            collect(faulty, tokenizer, f"{FAIL_STEP} now", max_tokens=50, expect_error=True, request_id="s"),
+            collect(faulty, tokenizer, "beside it", max_tokens=50, expect_error=True, request_id="t"),
+            *[collect(faulty, tokenizer, f"waiting {i}", max_tokens=10) for i in range(3)])
+
+    failed, beside, *waiting = asyncio.run(asyncio.wait_for(run(), 60))
+    assert "request id s" in failed and "request id t" in beside  # the batch it broke fails as a whole
+    assert all(texts[0] for texts, _ in waiting) and faulty.alive
+
+
+def test_a_dead_scheduler_fails_every_request_at_once_and_refuses_new_ones(faulty, tokenizer):
+    async def run():
+        started = time.monotonic()
+        errors = await asyncio.gather(
+            collect(faulty, tokenizer, "running", max_tokens=200, expect_error=True),
+            collect(faulty, tokenizer, f"{KILL_SCHEDULER} now", max_tokens=200, expect_error=True),
+            *[collect(faulty, tokenizer, f"waiting {i}", max_tokens=200, expect_error=True) for i in range(4)])
+        return errors, time.monotonic() - started
+
+    errors, seconds = asyncio.run(asyncio.wait_for(run(), 60))
+    assert len(errors) == 6 and all("internal error" in e for e in errors)
+    assert seconds < 5  # the waiting ones failed with the others, not after 200 steps each
+    assert not faulty.alive
+    with pytest.raises(Unavailable):
+        asyncio.run(collect(faulty, tokenizer, "too late"))
+
+
+def test_a_burst_of_prompts_is_prefilled_within_the_budget_between_decode_steps(engine, tokenizer):
+    calls = FaultyEngine(engine, {"step_delay_s": 0.002})
+    scheduler = Scheduler(calls, max_batch_size=8, max_queued=8, prefill_tokens_per_step=64)
+    long_text = " ".join(f"word{i}" for i in range(40))  # ~80 prompt tokens: over the budget alone
+
+    async def run():
+        running = asyncio.ensure_future(collect(scheduler, tokenizer, "running", max_tokens=120))
+        await asyncio.sleep(0.1)
+        burst = [collect(scheduler, tokenizer, text, max_tokens=5) for text in
+                 [long_text, long_text, "short one", "short two", "short three", long_text]]
+        await asyncio.gather(running, *burst)
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        scheduler.shutdown()
+    between_steps, prefilled = [], []
+    for kind, n in calls.calls:
+        if kind == "add":
+            prefilled.append(n)
+        elif prefilled:
+            between_steps.append(prefilled)
+            prefilled = []
+    assert sum(len(p) for p in between_steps) == 7
+    assert all(len(p) == 1 or sum(p) <= 64 for p in between_steps), between_steps
+    assert max(len(p) for p in between_steps) >= 2  # short prompts still go in together
