@@ -76,8 +76,10 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm in the input's dtype. Autocast would run it on an fp32 copy of a bf16 input
     and keep that copy for backward (twice the bytes, four times per layer); rms_norm accumulates in
     fp32 internally either way."""
-    with torch.autocast(x.device.type, enabled=False):
-        return F.rms_norm(x, (x.size(-1),))
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),))   # no autocast: skip the context (decoding calls this ~100x a token)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
