@@ -24,6 +24,14 @@ def data_dir() -> Path:
     return Path(root)
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """monkeypatch for module-scoped fixtures (the Ray training runs each test module shares)."""
+    patch = pytest.MonkeyPatch()
+    yield patch
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray for the whole session, on 127.0.0.1, 4 logical CPUs on 2 cores."""

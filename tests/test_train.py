@@ -37,13 +37,6 @@ def test_horizon_from_batch_and_ratio():
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    patch = pytest.MonkeyPatch()
-    yield patch
-    patch.undo()
-
-
-@pytest.fixture(scope="module")
 def runs(ray_cluster, tokenizer, tmp_path_factory, monkeypatch_module):
     """Run the stage twice through Ray Train: uninterrupted, and with rank 1 killed at step 7."""
     from raychat.train.ray_trainer import fit

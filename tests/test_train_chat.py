@@ -139,13 +139,6 @@ def test_train_mid_without_a_base_checkpoint_is_one_line(tmp_path, tokenizer):
 # -------------------------------------------------------------------------------------------- on Ray
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    patch = pytest.MonkeyPatch()
-    yield patch
-    patch.undo()
-
-
-@pytest.fixture(scope="module")
 def runs(ray_cluster, tokenizer, tmp_path_factory, monkeypatch_module):
     """mid from a base checkpoint, then SFT from the clean mid run; each uninterrupted and with rank 1
     SIGKILLed at step 3 (resumed from the step-2 checkpoint)."""
