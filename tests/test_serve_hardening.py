@@ -232,30 +232,36 @@ def test_n_times_max_tokens_is_capped_per_request(client):
 
 def test_when_every_request_slot_and_serves_queue_are_full_serve_answers_429(url):
     """Serve routes at most max_ongoing_requests to the replica and queues the rest in its router; that
-    queue is bounded too, so a flood is refused at once instead of waiting without end."""
-    wait_idle(url)
+    queue is bounded too, so a flood is refused at once instead of waiting without end.
+
+    Serve's bound is approximate: its router counts a request as queued only while it chooses a replica,
+    so a request a full replica has just turned away, on its way to a retry, is not counted, and how many
+    of a flood are refused depends on timing (from none to all of the surplus, measured on 2 cores). So the
+    flood is repeated up to three times to see the bound act; without it no flood is ever refused."""
     body = json.dumps(chat(max_tokens=4)).encode()
     flood = ONGOING + ROUTER_QUEUE + 16
-    # slow bodies: each one holds a request slot of the replica until the body deadline
-    socks = [raw_post(url, {**AUTH, "Content-Type": "application/json", "Content-Length": str(len(body))},
-                      body[:10]) for _ in range(flood)]
-    started = time.monotonic()
+    for attempt in range(3):
+        wait_idle(url)
+        # slow bodies: each one holds a request slot of the replica until the body deadline
+        socks = [raw_post(url, {**AUTH, "Content-Type": "application/json", "Content-Length": str(len(body))},
+                          body[:10]) for _ in range(flood)]
+        started = time.monotonic()
 
-    def answer(sock):
-        try:
-            status, headers, _ = read_response(sock, timeout=BODY_TIMEOUT_S + 10)
-        finally:
-            sock.close()
-        return status, {k.lower(): v for k, v in headers.items()}.get("retry-after"), time.monotonic() - started
+        def answer(sock):
+            try:
+                status, headers, _ = read_response(sock, timeout=4 * BODY_TIMEOUT_S + 10)
+            finally:
+                sock.close()
+            return status, {k.lower(): v for k, v in headers.items()}.get("retry-after"), time.monotonic() - started
 
-    with ThreadPoolExecutor(flood) as pool:
-        results = list(pool.map(answer, socks))
-    refused = [(retry, seconds) for status, retry, seconds in results if status == 429]
-    # how many depends on how fast the flood arrives (on a busy machine the first slow bodies may already
-    # have timed out); without a bound on Serve's queue, none would be refused at all
-    assert refused, results
+        with ThreadPoolExecutor(flood) as pool:
+            results = list(pool.map(answer, socks))
+        assert {status for status, _, _ in results} <= {408, 429}, results
+        refused = [(retry, seconds) for status, retry, seconds in results if status == 429]
+        if refused:
+            break
+    assert refused, f"no 429 in three floods of {flood} requests: {results}"
     assert all(retry is not None and int(retry) >= 1 and seconds < BODY_TIMEOUT_S for retry, seconds in refused)
-    assert {status for status, _, _ in results} == {408, 429}
     assert httpx.post(f"{url}/v1/chat/completions", json=chat(max_tokens=4), headers=AUTH, timeout=30).status_code == 200
 
 
@@ -407,7 +413,8 @@ def test_the_web_ui_asks_for_the_api_key_once(url):
             page.click("#key-form button")
             page.wait_for_function("() => document.getElementById('model').textContent.startsWith('raychat-sft')")
             assert page.locator("#key-form").is_hidden()
-            page.fill("#max-tokens", "8")
+            page.fill("#max-tokens", "32")
+            page.fill("#temperature", "1")  # a random-weight model may end a short greedy reply at once
             page.fill("#input", "Hello")
             page.click("#send")
             page.wait_for_selector(".message.assistant[data-state=done]", timeout=60_000)
