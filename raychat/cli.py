@@ -32,6 +32,13 @@ COMMANDS: dict[tuple[str, str], tuple[str, str, list[tuple[tuple, dict]]]] = {
         (("--source",), {"default": "base", "choices": ["base"], "help": "which checkpoint to evaluate"}),
         (("--step",), {"type": int, "default": None, "help": "checkpoint step (default: the latest)"}),
     ]),
+    ("eval", "chat"): ("raychat.eval.chat:main", "chat tasks (ARC, MMLU, GSM8K, HumanEval, spelling) and ChatCORE", [
+        (("--source",), {"default": "sft", "choices": ["mid", "sft", "rl"], "help": "which checkpoint to evaluate"}),
+        (("--step",), {"type": int, "default": None, "help": "checkpoint step (default: the latest)"}),
+        (("--tasks",), {"default": None, "help": "comma-separated task names (default: eval.chat_tasks)"}),
+        (("--max-problems",), {"type": int, "default": None, "help": "per task; -1 = all (default: eval.max_problems)"}),
+        (("--num-samples",), {"type": int, "default": None, "help": "replies per generative problem, for pass@1..K"}),
+    ]),
     ("serve", ""): ("raychat.chat_cli:serve_main", "serve a checkpoint with Ray Serve (API + web UI)", [
         (("--source",), {"default": None, "choices": ["base", "mid", "sft", "rl"]}),
         (("--replicas",), {"type": int, "default": None}),
@@ -51,7 +58,7 @@ STAGE_HELP = {
     "tokenizer": "stage 1: train / evaluate the Rust BPE tokenizer",
     "data": "pretraining data",
     "train": "training stages (base, mid, sft)",
-    "eval": "evaluation (base: bpb + CORE)",
+    "eval": "evaluation (base: bpb + CORE; chat: ARC, MMLU, GSM8K, HumanEval, spelling, ChatCORE)",
 }
 
 

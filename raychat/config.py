@@ -173,6 +173,11 @@ class EvalConfig:
     batch_size: int = opt(32, min=1)
     chat_tasks: str = opt("ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee")
     max_problems: int = opt(-1, min=-1, help="per chat task; -1 = all")
+    num_samples: int = opt(1, min=1, max=64, help="replies sampled per generative problem (pass@1..K)")
+    temperature: float = opt(0.0, min=0.0, max=10.0, help="chat eval sampling; 0 = greedy")
+    top_k: int = opt(50, min=0, help="chat eval sampling; 0 = no top-k")
+    max_new_tokens: int = opt(512, min=1, max=65536, help="longest reply sampled in chat eval")
+    seed: int = opt(42, min=0, help="chat eval sampling seed (each problem derives its own from it)")
     bundle_url: str = opt("https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip",
                           help="CORE eval bundle (zip), downloaded when RAYCHAT_DATA_DIR is unset")
     bundle_sha256: str = opt("", help="expected sha256 of the bundle zip; empty = check its CRCs only")

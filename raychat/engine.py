@@ -360,14 +360,20 @@ class Engine:
 
     def generate_many(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int | None = None,
                       temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
-                      top_p: float | None = None, max_batch_size: int = 32) -> tuple[list[list[int]], list[list[int]]]:
+                      top_p: float | None = None, max_batch_size: int = 32,
+                      seeds: list[int] | None = None) -> tuple[list[list[int]], list[list[int]]]:
         """Continuations of many prompts of different lengths, decoded together (continuous batching: a
         prompt joins as soon as `num_samples` slots are free). Returns len(prompts) * num_samples
         sequences, prompt-major (sample j of prompt i at i * num_samples + j), each the prompt plus its
         generated tokens (terminal excluded), with masks (0 = prompt or forced, 1 = sampled). Sample j of
-        prompt i uses seed derive_seed(seed, j), whatever else runs beside it."""
+        prompt i uses seed derive_seed(seeds[i], j) (seeds defaults to `seed` for every prompt), whatever
+        else runs beside it."""
         if num_samples > max_batch_size:
             raise ValueError(f"num_samples ({num_samples}) exceeds max_batch_size ({max_batch_size})")
+        if seeds is None:
+            seeds = [seed] * len(prompts)
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         longest = max((len(p) for p in prompts), default=1)
         batch = self.new_batch(max_batch_size, self._seq_len_for(longest, max_tokens))
         results = [list(p) for p in prompts for _ in range(num_samples)]
@@ -378,7 +384,7 @@ class Engine:
             while pending and batch.free_slots >= num_samples:
                 i = pending.popleft()
                 slots = batch._add(prompts[i], num_samples, max_tokens, temperature, top_k, top_p,
-                                   [derive_seed(seed, j) for j in range(num_samples)])
+                                   [derive_seed(seeds[i], j) for j in range(num_samples)])
                 where.update({slot: i * num_samples + j for j, slot in enumerate(slots)})
             for event in batch.step():
                 if event.token is not None:

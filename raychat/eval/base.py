@@ -1,9 +1,8 @@
 """`raychat eval base`: bits-per-byte on the validation shard and CORE of a base checkpoint, on Ray actors.
 
-The driver loads the checkpoint once (verified), renders every CORE item, and ships the model and the
-tokenizer to `num_actors` actors through the object store. One actor also computes bpb; the CORE items
-are cut into small chunks that an ActorPool hands to whichever actor is free, so a 20,000-item task and
-a 32-item one even out. Results are the same as the in-process `evaluate_core` (same items, same
+The driver loads the checkpoint once (verified), renders every CORE item, and starts a model pool
+(`raychat.pool`) of `num_actors` actors. One actor also computes bpb; the CORE items are cut into small
+chunks that the pool hands to whichever actor is free, so a 20,000-item task and a 32-item one even out. Results are the same as the in-process `evaluate_core` (same items, same
 scoring); they go to report/ as a per-task CSV and a JSON, and a table is printed.
 """
 from __future__ import annotations
@@ -16,33 +15,26 @@ import time
 from pathlib import Path
 
 import ray
-import torch
 
 from raychat.common import UserError, atomic_write, get_logger, init_ray, report_dir
 from raychat.eval.bpb import bpb_totals, limit_tokens
 from raychat.eval.core import locate_bundle, model_max_seq_len, prepare_all, score_item, summarize, task_result
 from raychat.model import autocast_context
+from raychat.pool import ModelPool, ModelWorker, balanced_chunk_size, chunked
 
 log = get_logger()
 
 
-@ray.remote
-class EvalWorker:
-    """Holds one copy of the model; scores chunks of CORE items and computes bpb."""
+class EvalWorker(ModelWorker):
+    """A pool actor (raychat.pool) that scores chunks of CORE items and computes bpb."""
 
     def __init__(self, model, tokenizer, use_gpu: bool):
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model = model.to(self.device)
-        if self.device == "cpu":
-            self.model.float()  # bf16 checkpoints: fp32 matmuls are faster on CPUs without bf16 units
-        self.model.eval()
-        self.tokenizer = tokenizer
+        super().__init__(model, tokenizer, use_gpu)
         self.max_len = model_max_seq_len(self.model)
 
-    def score(self, chunk_id, items: list[dict]) -> tuple:
+    def score(self, items: list[dict]) -> list[bool]:
         with autocast_context(self.device):
-            return chunk_id, [score_item(self.model, self.tokenizer, item, self.device, self.max_len)
-                              for item in items]
+            return [score_item(self.model, self.tokenizer, item, self.device, self.max_len) for item in items]
 
     def bpb(self, cfg, max_tokens: int, batch_size: int, seq_len: int) -> dict:
         from raychat.data.pretrain import PretrainStream
@@ -52,35 +44,15 @@ class EvalWorker:
             return bpb_totals(self.model, limit_tokens(stream, max_tokens), self.tokenizer.token_bytes)
 
 
-def _chunks(prepared, num_actors: int) -> list[tuple[tuple[str, int], list[dict]]]:
-    """Cut every task's items into chunks of about total / (4 * actors), so free actors keep taking work."""
-    total = sum(len(items) for _, items in prepared)
-    size = max(1, math.ceil(total / (4 * num_actors)))
-    return [((task.label, start), items[start:start + size])
-            for task, items in prepared for start in range(0, len(items), size)]
-
-
-def start_workers(model, tokenizer, num_actors: int, use_gpu: bool) -> list:
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise UserError("eval.use_gpu is true but the Ray cluster has no GPU: pass --set eval.use_gpu=false")
-    model_ref, tokenizer_ref = ray.put(model.cpu()), ray.put(tokenizer)
-    options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
-    return [EvalWorker.options(**options).remote(model_ref, tokenizer_ref, use_gpu) for _ in range(num_actors)]
-
-
-def core_on_workers(workers: list, bundle: Path, max_per_task: int) -> dict:
-    """CORE with the items spread over `workers` (same result as `core.evaluate_core`)."""
-    from ray.util import ActorPool
-
+def core_on_pool(pool: ModelPool, bundle: Path, max_per_task: int) -> dict:
+    """CORE with the items spread over the pool's actors (same result as `core.evaluate_core`)."""
     prepared, missing = prepare_all(bundle, max_per_task)
-    chunks = _chunks(prepared, len(workers))
-    scored: dict[tuple[str, int], list[bool]] = {}
-    pool = ActorPool(workers)
-    for chunk_id, correct in pool.map_unordered(lambda worker, chunk: worker.score.remote(*chunk), chunks):
-        scored[chunk_id] = correct
+    size = balanced_chunk_size(sum(len(items) for _, items in prepared), len(pool))
+    chunks = [(task, part) for task, items in prepared for part in chunked(items, size)]
+    scored = pool.map("score", [part for _, part in chunks])
     results = {}
     for task, items in prepared:
-        correct = [c for (label, start), cs in sorted(scored.items()) if label == task.label for c in cs]
+        correct = [c for (t, _), cs in zip(chunks, scored) if t is task for c in cs]
         assert len(correct) == len(items), f"{task.label}: {len(correct)} of {len(items)} items scored"
         results[task.label] = task_result(task, correct)
     return summarize(results, missing)
@@ -90,12 +62,8 @@ def evaluate_core_ray(model, tokenizer, cfg, max_per_task: int, num_actors: int,
                       bundle: Path | None = None) -> dict:
     """CORE spread over `num_actors` Ray actors (Ray must be initialised)."""
     bundle = Path(bundle) if bundle is not None else locate_bundle(cfg)
-    workers = start_workers(model, tokenizer, num_actors, use_gpu)
-    try:
-        return core_on_workers(workers, bundle, max_per_task)
-    finally:
-        for worker in workers:
-            ray.kill(worker)
+    with ModelPool(EvalWorker, model, tokenizer, num_actors, use_gpu) as pool:
+        return core_on_pool(pool, bundle, max_per_task)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -145,15 +113,11 @@ def main(cfg, args) -> int:
     log.info(f"evaluating {args.source}/{cfg.run.name} step {meta.get('step')} on {cfg.eval.num_actors} actors")
 
     init_ray()
-    workers = start_workers(model, tokenizer, cfg.eval.num_actors, cfg.eval.use_gpu)
-    try:
+    with ModelPool(EvalWorker, model, tokenizer, cfg.eval.num_actors, cfg.eval.use_gpu) as pool:
         # bpb on the first actor; CORE chunks queue behind it there and run at once on the others
-        bpb_ref = workers[0].bpb.remote(cfg, cfg.eval.bpb_tokens, cfg.eval.batch_size, seq_len)
-        core = core_on_workers(workers, bundle, cfg.eval.core_max_per_task)
+        bpb_ref = pool.actors[0].bpb.remote(cfg, cfg.eval.bpb_tokens, cfg.eval.batch_size, seq_len)
+        core = core_on_pool(pool, bundle, cfg.eval.core_max_per_task)
         totals = ray.get(bpb_ref)
-    finally:
-        for worker in workers:
-            ray.kill(worker)
     if totals["bytes"] == 0:
         raise UserError("the validation stream gave no tokens: check the validation shard")
     bpb = totals["nats"] / (math.log(2) * totals["bytes"])
