@@ -39,6 +39,7 @@ from raychat.pool import ModelPool, ModelWorker, chunked
 log = get_logger()
 
 SPELLING_BEE_SIZE = 256  # generated test problems (before --max-problems)
+NUM_EXAMPLES, EXAMPLE_CHARS = 3, 400  # replies kept in the JSON per task, to see what the model wrote
 
 
 def build_task(name: str, download: bool = True):
@@ -98,12 +99,13 @@ class ChatEvalWorker(ModelWorker):
                 return self.categorical(chunk["problems"])
             return self.generative(chunk["task"], chunk["problems"], **chunk["sampling"])
 
-    def categorical(self, problems: list[dict]) -> list[bool]:
-        return [letter == p["conversation"]["answer"] for letter, p in zip(choose_letters(
-            self.model, self.tokenizer, problems, self.device), problems)]
+    def categorical(self, problems: list[dict]) -> list[dict]:
+        letters = choose_letters(self.model, self.tokenizer, problems, self.device)
+        return [{"correct": [letter == p["conversation"]["answer"]], "replies": [letter]}
+                for letter, p in zip(letters, problems)]
 
     def generative(self, task_name: str, problems: list[dict], num_samples: int, max_tokens: int,
-                   temperature: float, top_k: int | None, seed: int, max_batch_size: int) -> list[list[bool]]:
+                   temperature: float, top_k: int | None, seed: int, max_batch_size: int) -> list[dict]:
         from raychat.eval.sandbox import execute
         task = self.task(task_name)
         prompts = [p["prompt"] for p in problems]
@@ -112,15 +114,14 @@ class ChatEvalWorker(ModelWorker):
             seeds=[derive_seed(seed, p["index"]) for p in problems], max_batch_size=max(max_batch_size, num_samples))
         graded = []
         for i, problem in enumerate(problems):
-            row = []
-            for sequence in sequences[i * num_samples:(i + 1) * num_samples]:
-                completion = self.tokenizer.decode(sequence[len(problem["prompt"]):])
-                if task_name == "HumanEval":
-                    row.append(task.evaluate(problem["conversation"], completion,
-                                             execute=lambda program: execute(program).success))
-                else:
-                    row.append(task.evaluate(problem["conversation"], completion))
-            graded.append(row)
+            replies = [self.tokenizer.decode(sequence[len(problem["prompt"]):])
+                       for sequence in sequences[i * num_samples:(i + 1) * num_samples]]
+            if task_name == "HumanEval":  # model-written code runs only in the sandbox
+                correct = [task.evaluate(problem["conversation"], reply,
+                                         execute=lambda program: execute(program).success) for reply in replies]
+            else:
+                correct = [task.evaluate(problem["conversation"], reply) for reply in replies]
+            graded.append({"correct": correct, "replies": replies})
         return graded
 
 
@@ -169,19 +170,23 @@ def render_problems(task, tokenizer, max_problems: int, max_prompt_tokens: int) 
 
 def summarize_task(name: str, eval_type: str, problems: list[dict], graded: list, num_samples: int,
                    skipped: int) -> dict:
+    """Accuracy (= pass@1), pass@k, baseline and centered accuracy of one task; `graded` has, per problem,
+    "correct" (one bool per sample) and "replies" (the first few are kept as examples)."""
+    correct = [g["correct"] for g in graded]
     if eval_type == "categorical":
-        correct = [[bool(g)] for g in graded]
         baseline = sum(1 / len(p["conversation"]["letters"]) for p in problems) / max(1, len(problems))
         ks = [1]
     else:
-        correct, baseline, ks = graded, 0.0, list(range(1, num_samples + 1))
+        baseline, ks = 0.0, list(range(1, num_samples + 1))
     n = len(problems)
     passes = {k: (sum(pass_at_k(len(c), sum(c), k) for c in correct) / n if n else 0.0) for k in ks}
     accuracy = passes[1]
     return {"task": name, "eval_type": eval_type, "num_problems": n, "skipped": skipped,
             "num_samples": 1 if eval_type == "categorical" else num_samples, "accuracy": accuracy,
             "pass_at_k": {str(k): v for k, v in passes.items()}, "baseline": baseline,
-            "centered": (accuracy - baseline) / (1 - baseline)}
+            "centered": (accuracy - baseline) / (1 - baseline),
+            "examples": [{"index": p["index"], "replies": [r[:EXAMPLE_CHARS] for r in g["replies"]], "correct": g["correct"]}
+                         for p, g in zip(problems[:NUM_EXAMPLES], graded)]}
 
 
 def evaluate_chat(pool: ModelPool, tokenizer, task_names: list[str], max_problems: int, num_samples: int,
