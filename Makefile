@@ -30,6 +30,7 @@ demo: install
 	$(VENV)/bin/raychat eval base --preset demo
 	$(VENV)/bin/raychat train mid --preset demo
 	$(VENV)/bin/raychat train sft --preset demo
+	$(VENV)/bin/raychat eval chat --preset demo --source sft
 	$(VENV)/bin/raychat serve --preset demo
 
 clean:
