@@ -28,6 +28,8 @@ COMMANDS: dict[tuple[str, str], tuple[str, str, list[tuple[tuple, dict]]]] = {
                        "mid-train the base model on conversations, tool use and multiple choice", []),
     ("train", "sft"): ("raychat.train.launch:train_main",
                        "fine-tune the mid model into a chat model (loss on the assistant's tokens)", []),
+    ("train", "rl"): ("raychat.train.launch:train_main",
+                      "RL on GSM8K: rollout actors sample, the learner trains on the rewarded replies", []),
     ("eval", "base"): ("raychat.eval.base:main", "bits-per-byte and CORE of a base checkpoint", [
         (("--source",), {"default": "base", "choices": ["base"], "help": "which checkpoint to evaluate"}),
         (("--step",), {"type": int, "default": None, "help": "checkpoint step (default: the latest)"}),
@@ -57,7 +59,7 @@ STAGE_HELP = {
     "config": "inspect presets and overrides",
     "tokenizer": "stage 1: train / evaluate the Rust BPE tokenizer",
     "data": "pretraining data",
-    "train": "training stages (base, mid, sft)",
+    "train": "training stages (base, mid, sft, rl)",
     "eval": "evaluation (base: bpb + CORE; chat: ARC, MMLU, GSM8K, HumanEval, spelling, ChatCORE)",
 }
 

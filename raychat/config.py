@@ -151,17 +151,33 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class RLConfig:
-    num_workers: int = opt(8, min=1)
-    use_gpu: bool = opt(True)
-    num_rollout_actors: int = opt(8, min=1)
-    num_samples: int = opt(16, min=1, max=1024, help="answers sampled per question (the group)")
-    examples_per_step: int = opt(16, min=1)
+class RLConfig(TrainConfig):
+    """nanochat's RL: REINFORCE with a group-mean baseline on GSM8K, from the SFT model; rollouts on their
+    own actors (raychat/rl/)."""
+    source: str = opt("sft", choices=("mid", "sft"), help="the stage whose latest checkpoint RL starts from")
+    parent_run: str = opt("", help="run of the source checkpoint; empty = run.name")
+    task: str = opt("gsm8k", help="gsm8k, spelling-bee, or fixed:<word> (a one-question smoke test)")
+    num_rollout_actors: int = opt(8, min=1, max=4096, help="rollout actors, shared out among the learner workers")
+    placement: str = opt("split", choices=("split", "colocated"), help="GPUs: split = one GPU per actor beside "
+                         "the learners'; colocated = an actor shares each learner's GPU (half each)")
+    num_samples: int = opt(16, min=1, max=1024, help="replies sampled per question (the group)")
+    examples_per_step: int = opt(16, min=1, help="questions per step, all workers together")
     max_new_tokens: int = opt(256, min=1, max=4096)
     temperature: float = opt(1.0, min=0.0, max=2.0)
-    top_k: int = opt(50, min=0, max=200)
-    num_epochs: int = opt(1, min=1)
-    init_lr_frac: float = opt(0.05, min=0.0, max=1.0)
+    top_k: int = opt(50, min=0, max=100_000, help="0 = no top-k")
+    advantage: str = opt("mean", choices=("mean", "grpo"), help="reward - group mean; grpo: also / group std")
+    max_staleness: int = opt(0, min=0, max=1, help="weight versions a rollout may lag the learner: 0 = on-policy; "
+                                                   "1 = step k+1 is generated while step k is learned")
+    num_epochs: int = opt(1, min=1, help="passes over the questions when num_iterations = -1")
+    init_lr_frac: float = opt(0.05, min=0.0, max=1.0, help="learning rates start at this fraction of the base LRs")
+    device_batch_size: int = opt(8, min=1, help="replies (rows) per worker per micro-step")
+    sequence_len: int = opt(1024, min=8, max=65536, help="longest prompt + reply the parent's context must cover")
+    compile: bool = opt(False, help="torch.compile the training forward (GPU only); rows vary in width")
+    warmdown_ratio: float = opt(1.0, min=0.0, max=1.0, help="1.0 = linear decay to 0 over the run (nanochat)")
+    eval_every: int = opt(60, min=0, help="pass@k on the task's test split every N steps; 0 = only at the end")
+    eval_problems: int = opt(400, min=1, help="test questions for pass@k")
+    eval_samples: int = opt(8, min=1, max=64, help="replies per test question: pass@1..K")
+    save_every: int = opt(60, min=0, help="0 = only at the end")
 
 
 @dataclass
@@ -399,8 +415,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft.total_batch_size": 8,
         "sft.eval_tokens": 8192,
         "sft.mixture": "arc-easy:200,arc-challenge:100,gsm8k:100,smoltalk,identity:200,spelling:100,spelling-bee:100",
-        "rl.num_workers": 2, "rl.use_gpu": False, "rl.num_rollout_actors": 1,
-        "rl.num_samples": 4, "rl.examples_per_step": 2, "rl.max_new_tokens": 32,
+        "rl.num_workers": 2, "rl.use_gpu": False, "rl.cpus_per_worker": 0.5, "rl.dtype": "fp32",
+        "rl.num_rollout_actors": 2, "rl.num_samples": 4, "rl.examples_per_step": 4, "rl.max_new_tokens": 48,
+        "rl.device_batch_size": 4, "rl.num_iterations": 4, "rl.sequence_len": 256, "rl.log_every": 1,
+        "rl.save_every": 2, "rl.eval_every": 0, "rl.eval_problems": 8, "rl.eval_samples": 2,
         "eval.num_actors": 2, "eval.use_gpu": False, "eval.core_max_per_task": 16,
         "eval.bpb_tokens": 16384, "eval.batch_size": 8, "eval.max_problems": 16,
         "serve.use_gpu": False, "serve.cpus_per_replica": 1.0, "serve.max_batch_size": 32,

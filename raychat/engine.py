@@ -361,13 +361,14 @@ class Engine:
     def generate_many(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int | None = None,
                       temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
                       top_p: float | None = None, max_batch_size: int = 32,
-                      seeds: list[int] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+                      seeds: list[int] | None = None, include_stop: bool = False) -> tuple[list[list[int]], list[list[int]]]:
         """Continuations of many prompts of different lengths, decoded together (continuous batching: a
         prompt joins as soon as `num_samples` slots are free). Returns len(prompts) * num_samples
         sequences, prompt-major (sample j of prompt i at i * num_samples + j), each the prompt plus its
         generated tokens (terminal excluded), with masks (0 = prompt or forced, 1 = sampled). Sample j of
         prompt i uses seed derive_seed(seeds[i], j) (seeds defaults to `seed` for every prompt), whatever
-        else runs beside it."""
+        else runs beside it. With include_stop, a sequence that stopped ends with its terminal token
+        (mask 1: RL trains the model to stop)."""
         if num_samples > max_batch_size:
             raise ValueError(f"num_samples ({num_samples}) exceeds max_batch_size ({max_batch_size})")
         if seeds is None:
@@ -390,4 +391,7 @@ class Engine:
                 if event.token is not None:
                     results[where[event.slot]].append(event.token)
                     masks[where[event.slot]].append(0 if event.forced else 1)
+                elif include_stop and event.stop_token is not None:
+                    results[where[event.slot]].append(event.stop_token)
+                    masks[where[event.slot]].append(1)
         return results, masks

@@ -57,22 +57,24 @@ def balanced_chunk_size(total: int, num_actors: int, chunks_per_actor: int = 4) 
 
 class ModelPool:
     """`num_actors` Ray actors of class `worker_cls` (a `ModelWorker`), each built as
-    `worker_cls(model, tokenizer, use_gpu, *args)`. Use as a context manager, or call `shutdown()`."""
+    `worker_cls(model, tokenizer, use_gpu, *args)`, with `num_gpus` each when `use_gpu` (a fraction shares a
+    GPU). Use as a context manager, or call `shutdown()`."""
 
     def __init__(self, worker_cls: type, model, tokenizer, num_actors: int, use_gpu: bool, *args,
-                 max_restarts: int = 3, num_cpus: float = 1):
+                 max_restarts: int = 3, num_cpus: float = 1, num_gpus: float = 1):
         if num_actors < 1:
             raise UserError(f"a model pool needs at least one actor, got {num_actors}")
         if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
             raise UserError("use_gpu is true but the Ray cluster has no GPU: run on a GPU cluster or pass "
                             "--set <section>.use_gpu=false")
-        options = {"num_cpus": num_cpus, **({"num_gpus": 1} if use_gpu else {})}
+        options = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if use_gpu else {})}
         self._remote_cls = ray.remote(worker_cls).options(**options)
         # one copy in the object store; every actor (and every replacement) is built from it
         self._init_args = (ray.put(model.cpu() if hasattr(model, "cpu") else model), ray.put(tokenizer),
                            use_gpu, *args)
         self.max_restarts = max_restarts
         self.restarts = 0
+        self.on_replace = None   # called with a replacement actor before it gets work (RL: the latest weights)
         self.actors = [self._start() for _ in range(num_actors)]
 
     def _start(self):
@@ -99,6 +101,8 @@ class ModelPool:
         except Exception:  # already gone
             pass
         self.actors[index] = self._start()
+        if self.on_replace is not None:
+            self.on_replace(self.actors[index])
 
     def map(self, method: str, chunks: Sequence, *args) -> list:
         """`actor.<method>(chunk, *args)` for every chunk, on whichever actor is free; the results in chunk

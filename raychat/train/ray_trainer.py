@@ -78,7 +78,7 @@ def fit(cfg, stage: str = "base", plan: dict | None = None):
         env_vars.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     resources = {"CPU": section.cpus_per_worker}
     if section.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = spec.learner_gpus()
     # Ray's experiment directory IS raychat's checkpoint directory, so the checkpoints raychat writes there
     # (its own atomic, checksummed layout) are registered with Ray without being copied.
     root = checkpoint_dir(spec.name, cfg.run.name, cfg.run.storage_path)

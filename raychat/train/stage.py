@@ -30,6 +30,7 @@ STAGES = {
     "base": "raychat.train.base:BaseStage",
     "mid": "raychat.train.mid:MidStage",
     "sft": "raychat.train.sft:SFTStage",
+    "rl": "raychat.rl.stage:RLStage",
 }
 
 
@@ -125,6 +126,10 @@ class Stage:
 
     def after_step(self, ctx: RunContext, step: int, result) -> None:
         """Called on every rank after each optimizer step (RL: publish the new weights)."""
+
+    def learner_gpus(self) -> float:
+        """GPUs per training worker (RL's colocated placement shares them with rollout actors)."""
+        return 1.0
 
 
 def make_stage(name: str, cfg, plan: dict | None = None) -> Stage:

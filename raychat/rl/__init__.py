@@ -1,0 +1,1 @@
+"""Reinforcement learning on verifiable tasks (GSM8K): rollout actors, rewards, the RL learner stage."""
