@@ -1,0 +1,204 @@
+"""RL (raychat/rl/): rewards, advantages and the loss against hand computations; rollout actors against
+the learner (weights, versions, log-probabilities, an actor killed mid-step); and the whole loop on Ray
+Train learning a toy task, on-policy and one version stale, with a learner worker killed on the way.
+"""
+import math
+import threading
+
+import pytest
+import ray
+import torch
+
+from raychat.rl.advantage import group_advantages, micro_batches, sample_rows
+from raychat.rl.rewards import count_reward, gsm8k_reward
+from raychat.rl.rollout import RolloutWorker, StaleWeights, token_logprobs, weights_checksum
+from raychat.rl.tasks import build_rl_task
+from raychat.train.step import token_loss_sum
+from serve_helpers import save_checkpoint, tiny_model
+
+GSM_ANSWER = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 1,072"
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("She sold 1072 clips.\n#### 1072", 1.0),
+    ("#### 1,072", 1.0),                       # thousands separators are stripped
+    ("so the answer is\n####1072.", 1.0),       # sentence punctuation after the number
+    ("#### 1072.0", 1.0),                       # exact numeric comparison
+    ("#### 1072\n...\n#### 1072", 1.0),         # repeating the same answer is fine
+    ("", 0.0),                                  # an empty answer
+    ("####", 0.0),
+    ("#### \n", 0.0),
+    ("The answer is 1072.", 0.0),               # the number without committing to it
+    ("#### 1072 ... no wait #### 1073", 0.0),   # hedging between two answers
+    ("#### 1073 #### 1072", 0.0),
+    ("#### 11072", 0.0),                        # the number buried in a longer one
+    ("#### 1072abc", 0.0),
+    ("#### 1072.5", 0.0),
+    ("#### 1.072", 0.0),
+    ("#### -1072", 0.0),
+])
+def test_gsm8k_reward(completion, reward):
+    assert gsm8k_reward(completion, GSM_ANSWER) == reward
+
+
+def test_rewards_with_negatives_and_decimals_and_the_spelling_bee():
+    assert gsm8k_reward("#### -3", "x #### -3") == 1.0 and gsm8k_reward("#### 3", "x #### -3") == 0.0
+    assert gsm8k_reward("#### 2.50", "#### 2.5") == 1.0
+    with pytest.raises(ValueError, match="no final"):
+        gsm8k_reward("#### 1", "no answer here")
+    assert count_reward("a-p-p-l-e ... #### 2", "2") == 1.0 and count_reward("#### 3", "2") == 0.0
+    task = build_rl_task("fixed:hello")
+    assert task.reward(task.question(0), " hello there") == 1.0 and task.reward(task.question(0), "hi") == 0.0
+
+
+def test_group_advantages_by_hand():
+    assert group_advantages([1, 0, 0, 1]) == [0.5, -0.5, -0.5, 0.5]
+    std = 0.5
+    a = 0.5 / (std + 1e-4)
+    assert group_advantages([1, 0, 0, 1], "grpo") == pytest.approx([a, -a, -a, a])
+    assert group_advantages([1, 1, 1]) == [0, 0, 0] == group_advantages([0, 0, 0], "grpo")
+
+
+def test_rows_carry_the_advantage_on_sampled_tokens_only_and_zero_signal_groups_are_counted():
+    # group 1: two replies, rewards 1 and 0 -> advantages +0.5 / -0.5; group 2: both 0 -> no signal
+    def sample(ids, mask, reward):
+        return {"ids": ids, "mask": mask, "reward": reward, "reply_tokens": sum(mask), "tool_calls": 0}
+    samples = [sample([1, 2, 3, 4], [0, 0, 1, 1], 1.0), sample([1, 2, 5], [0, 0, 1], 0.0),
+               sample([1, 6, 7], [0, 1, 0], 0.0), sample([1, 8], [0, 1], 0.0)]
+    rows, stats = sample_rows(samples, num_samples=2, kind="mean")
+    assert rows[0] == ([1, 2, 3], [-1, 3, 4], [0.0, 0.5, 0.5])
+    assert rows[1] == ([1, 2], [-1, 5], [0.0, -0.5])
+    assert rows[2] == ([1, 6], [6, -1], [0.0, 0.0])   # a forced token (mask 0) is not a target
+    assert stats["zero_signal_groups"] == 1 and stats["groups"] == 2 and stats["reward"] == 0.25
+    [batch] = micro_batches(rows, rows_per_batch=4)
+    assert batch.inputs.shape == (4, 3) and batch.targets[1].tolist() == [-1, 5, -1]
+    assert batch.weights[1].tolist() == [0.0, -0.5, 0.0]
+
+
+def test_the_policy_gradient_loss_is_the_advantage_weighted_mean_of_minus_log_p(tokenizer):
+    model = tiny_model(tokenizer)
+    samples = [{"ids": [5, 6, 7, 8], "mask": [0, 1, 1, 1], "reward": 1.0, "reply_tokens": 3, "tool_calls": 0},
+               {"ids": [5, 9, 10], "mask": [0, 1, 1], "reward": 0.0, "reply_tokens": 2, "tool_calls": 0}]
+    rows, _ = sample_rows(samples, num_samples=2, kind="mean")
+    [batch] = micro_batches(rows, rows_per_batch=2)
+    loss = token_loss_sum(model, batch) / int((batch.targets >= 0).sum())
+    logp = token_logprobs(model, [s["ids"] for s in samples], "cpu")
+    by_hand = -(0.5 * sum(logp[0]) - 0.5 * sum(logp[1])) / 5
+    assert float(loss.detach()) == pytest.approx(by_hand, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- actors and the learner
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    return tiny_model(tokenizer, seed=5)
+
+
+def chunk(tokenizer, indices, min_version=0, num_samples=3, max_tokens=6, seed=11):
+    task = build_rl_task("gsm8k", "test")
+    return {"questions": [{"index": i, "prompt": tokenizer.render_for_completion(task.question(i)),
+                           "conversation": task.question(i)} for i in indices],
+            "num_samples": num_samples, "max_tokens": max_tokens, "temperature": 1.0, "top_k": 50, "seed": seed,
+            "min_version": min_version}
+
+
+def test_actor_weights_versions_and_log_probs_agree_with_the_learner(ray_cluster, tokenizer, policy):
+    from raychat.pool import ModelPool
+    learner = tiny_model(tokenizer, seed=6)   # other weights than the actors start with
+    with ModelPool(RolloutWorker, policy, tokenizer, 2, False, "gsm8k") as pool:
+        assert weights_checksum(learner) != ray.get(pool.actors[0].checksum.remote())[1]
+        state = ray.put({k: v.clone() for k, v in learner.state_dict().items()})
+        pool.call_all("set_weights", 1, state)
+        assert pool.call_all("checksum") == [(1, weights_checksum(learner))] * 2
+        with pytest.raises(StaleWeights, match="version 1, the learner needs >= 2"):
+            ray.get(pool.actors[0].rollout.remote(chunk(tokenizer, [0], min_version=2)))
+        [result] = pool.map("rollout", [chunk(tokenizer, [0, 1])])
+    assert result["version"] == 1 and len(result["samples"]) == 6
+    sequences = [s["ids"] for s in result["samples"]]
+    mine = token_logprobs(learner.eval(), sequences, "cpu")
+    gaps = [abs(a - b) for s, lp in zip(result["samples"], mine) for a, b in zip(s["logprobs"], lp)]
+    assert max(gaps) < 1e-5
+    for s in result["samples"]:
+        prompt = len(chunk(tokenizer, [s["question"]])["questions"][0]["prompt"])
+        assert s["mask"][:prompt] == [0] * prompt and sum(s["mask"]) == s["reply_tokens"] > 0
+
+
+def test_a_killed_actor_is_replaced_with_the_latest_weights_and_every_question_is_answered_once(
+        ray_cluster, tokenizer, policy):
+    from raychat.pool import ModelPool
+    questions = list(range(8))
+    chunks = [chunk(tokenizer, [i], min_version=3, max_tokens=24) for i in questions]
+    state = ray.put({k: v.clone() for k, v in policy.state_dict().items()})
+    with ModelPool(RolloutWorker, policy, tokenizer, 2, False, "gsm8k") as pool:
+        pool.call_all("set_weights", 3, state)
+        expected = pool.map("rollout", chunks)
+        # a replacement starts from the original weights (version 0): without the hook its chunks would be
+        # refused as stale
+        pool.on_replace = lambda actor: actor.set_weights.remote(3, state)
+        victim = pool.actors[1]
+        killer = threading.Timer(1.0, lambda: ray.kill(victim))
+        killer.start()
+        got = pool.map("rollout", chunks)
+        killer.join()
+        assert pool.restarts == 1
+    assert [r["samples"][0]["question"] for r in got] == questions
+    assert [[s["ids"] for s in r["samples"]] for r in got] == [[s["ids"] for s in r["samples"]] for r in expected]
+
+
+# ------------------------------------------------------------------------------------ the whole loop
+
+def first_token_chance(model, tokenizer, word: str) -> float:
+    """The chance that a reply to the toy question starts with `word` (top-50 sampling at temperature 1)."""
+    prompt = tokenizer.render_for_completion(build_rl_task(f"fixed:{word}").question(0))
+    with torch.no_grad():
+        top = torch.topk(model(torch.tensor([prompt]), last_only=True)[0, -1], 50)
+    probs = torch.softmax(top.values, -1)
+    texts = [tokenizer.decode([int(i)]) for i in top.indices]
+    return sum(float(p) for p, t in zip(probs, texts) if t.strip() and t.lstrip().startswith(word))
+
+
+def toy_word(model, tokenizer) -> str:
+    """A word the untrained model starts its reply with now and then (3-12 % of replies): learnable, and
+    far from learnt."""
+    words = sorted({tokenizer.decode([i]).strip() for i in range(256, tokenizer.get_vocab_size())
+                    if tokenizer.decode([i]).strip().isalpha() and len(tokenizer.decode([i]).strip()) >= 3})
+    for word in words:
+        if 0.03 <= first_token_chance(model, tokenizer, word) <= 0.12:
+            return word
+    raise AssertionError("no word with a 3-12 % chance")
+
+
+def rewards_logged(base, run: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(base / "tb" / "rl" / run))
+    events.Reload()
+    by_step = {e.step: e.value for e in events.Scalars("rl/reward")}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_rl_learns_a_toy_task_on_ray_train(ray_cluster, tokenizer, tmp_path, monkeypatch, staleness):
+    from raychat.config import load_config
+    from raychat.train.launch import train_main
+    from types import SimpleNamespace
+    base = save_checkpoint(tokenizer, tmp_path / "base")
+    monkeypatch.setenv("RAYCHAT_BASE_DIR", str(base))
+    word = toy_word(tiny_model(tokenizer), tokenizer)
+    steps = 12
+    overrides = [f"rl.task=fixed:{word}", "rl.num_samples=8", "rl.examples_per_step=2", "rl.device_batch_size=8",
+                 "rl.max_new_tokens=3", f"rl.num_iterations={steps}", "rl.init_lr_frac=1.0", "rl.eval_problems=1",
+                 "rl.eval_samples=4", "rl.save_every=4", f"rl.max_staleness={staleness}", f"run.name=toy{staleness}"]
+    if staleness == 1:  # and a learner worker dies at step 6: the run resumes from step 4's checkpoint
+        overrides += ["run.kill_worker_at_step=6", "rl.max_failures=1"]
+    else:
+        overrides += ["rl.max_failures=0"]
+    cfg = load_config("demo", overrides)
+    assert train_main(cfg, SimpleNamespace(subcommand="rl")) == 0
+    rewards = rewards_logged(base, f"toy{staleness}")
+    assert len(rewards) == steps
+    assert rewards[0] < 0.2, rewards
+    assert sum(rewards[-3:]) / 3 > 0.8, rewards
+    report = (base / "report" / "rl_train.json").read_text()
+    assert '"pass@1"' in report
+    if staleness == 1:
+        assert (base / "checkpoints" / "rl" / "toy1" / ".fault_injected").exists()
