@@ -158,14 +158,21 @@ def first_token_chance(model, tokenizer, word: str) -> float:
 
 
 def toy_word(model, tokenizer) -> str:
-    """A word the untrained model starts its reply with now and then (3-12 % of replies): learnable, and
-    far from learnt."""
+    """A word the untrained model starts its reply with now and then (2-12 of 64 sampled replies, drawn by
+    a rollout worker as the RL run will): learnable, and far from learnt."""
     words = sorted({tokenizer.decode([i]).strip() for i in range(256, tokenizer.get_vocab_size())
                     if tokenizer.decode([i]).strip().isalpha() and len(tokenizer.decode([i]).strip()) >= 3})
-    for word in words:
-        if 0.03 <= first_token_chance(model, tokenizer, word) <= 0.12:
+    chances = sorted(((first_token_chance(model, tokenizer, w), w) for w in words), reverse=True)
+    for chance, word in [(c, w) for c, w in chances if 0.03 <= c <= 0.2][:10]:
+        worker = RolloutWorker(model, tokenizer, False, f"fixed:{word}")
+        task = build_rl_task(f"fixed:{word}")
+        question = {"index": 0, "prompt": tokenizer.render_for_completion(task.question(0)),
+                    "conversation": task.question(0)}
+        result = worker.rollout({"questions": [question], "num_samples": 64, "max_tokens": 3, "temperature": 1.0,
+                                 "top_k": 50, "seed": 99, "min_version": 0})
+        if 2 <= sum(s["reward"] for s in result["samples"]) <= 12:
             return word
-    raise AssertionError("no word with a 3-12 % chance")
+    raise AssertionError("no word that 2-12 of 64 replies start with")
 
 
 def rewards_logged(base, run: str) -> list[float]:
@@ -183,11 +190,14 @@ def test_rl_learns_a_toy_task_on_ray_train(ray_cluster, tokenizer, tmp_path, mon
     from types import SimpleNamespace
     base = save_checkpoint(tokenizer, tmp_path / "base")
     monkeypatch.setenv("RAYCHAT_BASE_DIR", str(base))
-    word = toy_word(tiny_model(tokenizer), tokenizer)
+    from raychat.checkpoint import load_model
+    parent, _ = load_model(base / "checkpoints" / "sft" / "default" / "step_000000")
+    word = toy_word(parent.eval(), tokenizer)   # the very weights RL starts from
     steps = 12
     overrides = [f"rl.task=fixed:{word}", "rl.num_samples=8", "rl.examples_per_step=2", "rl.device_batch_size=8",
                  "rl.max_new_tokens=3", f"rl.num_iterations={steps}", "rl.init_lr_frac=1.0", "rl.eval_problems=1",
-                 "rl.eval_samples=4", "rl.save_every=4", f"rl.max_staleness={staleness}", f"run.name=toy{staleness}"]
+                 "rl.eval_samples=4", "rl.save_every=4", f"rl.max_staleness={staleness}", f"run.name=toy{staleness}",
+                 "rl.parent_run=default"]
     if staleness == 1:  # and a learner worker dies at step 6: the run resumes from step 4's checkpoint
         overrides += ["run.kill_worker_at_step=6", "rl.max_failures=1"]
     else:
