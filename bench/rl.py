@@ -1,0 +1,134 @@
+"""RL benchmark (CPU): rollout throughput with 1 and 2 actors, and the cost of a weight sync.
+
+    flock /tmp/raychat_cpu.lock .venv/bin/python bench/rl.py [--repeats 2] [--sync-depth 20]
+
+1. Rollouts: a depth-4 random model (the demo tokenizer trained on the offline shards, vocab 4,096)
+   samples 4 replies of 64 tokens to each of 16 GSM8K questions through the model pool (raychat/pool.py)
+   with 1 and then 2 rollout actors; prints reply tokens/s and the 2-actor / 1-actor ratio (2 cores: the
+   most it can be is ~2x).
+2. Weight sync: the state dict of a depth-`--sync-depth` GPT (d20 = 561 M parameters, fp32) published as
+   RL does it: one `ray.put`, then an actor fetches it and loads it into its own copy. Prints seconds for
+   the put, for the fetch + load, and in total (the target for d20 is < 1 s over NCCL on GPUs; on CPU the
+   object store copies the bytes twice). The baseline printed beside it is a plain in-process
+   `load_state_dict` of the same tensors: the sync's overhead over a copy it cannot avoid.
+Best of --repeats runs each. Needs RAYCHAT_DATA_DIR (the offline shards and GSM8K).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def demo_tokenizer():
+    from raychat.common import get_data_dir
+    from raychat.data.fineweb import iter_documents
+    from raychat.tokenizer import RustBPETokenizer
+    shards = sorted((get_data_dir() / "pretrain" / "shards").glob("*.parquet"))[:1]
+
+    def texts(budget=2_000_000):
+        for text in iter_documents(shards, doc_cap=10_000):
+            yield text
+            budget -= len(text)
+            if budget <= 0:
+                return
+    return RustBPETokenizer.train_from_iterator(texts(), 4096)
+
+
+def best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - started)
+    return min(times), out
+
+
+def rollout_throughput(tokenizer, repeats: int) -> None:
+    import ray
+
+    from raychat.model import GPTConfig, build_model
+    from raychat.pool import ModelPool
+    from raychat.rl.rollout import RolloutWorker
+    from raychat.rl.tasks import build_rl_task
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(depth=4, vocab_size=tokenizer.get_vocab_size(), sequence_len=512))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    task = build_rl_task("gsm8k", "test")
+    chunks = [{"questions": [{"index": i, "prompt": tokenizer.render_for_completion(task.question(i)),
+                              "conversation": task.question(i)}],
+               "num_samples": 4, "max_tokens": 64, "temperature": 1.0, "top_k": 50, "seed": 1, "min_version": 0}
+              for i in range(16)]
+    rates = {}
+    for actors in (1, 2):
+        with ModelPool(RolloutWorker, model.eval(), tokenizer, actors, False, "gsm8k") as pool:
+            ray.get([a.ping.remote() for a in pool.actors])
+            pool.map("rollout", chunks[:actors])   # warm-up
+            seconds, results = best(lambda: pool.map("rollout", chunks), repeats)
+        tokens = sum(r["tokens"] for r in results)
+        rates[actors] = tokens / seconds
+        print(f"rollouts, {actors} actor(s): {tokens} reply tokens in {seconds:.2f} s = {rates[actors]:,.0f} tok/s")
+    print(f"rollout scaling 2 actors / 1 actor: {rates[2] / rates[1]:.2f}x")
+
+
+class SyncTarget:
+    """Holds a model of the benchmark's shape; loads what it is sent."""
+
+    def __init__(self, depth: int):
+        from raychat.model import GPTConfig, build_model
+        self.model = build_model(GPTConfig(depth=depth, vocab_size=65536), init=False)
+
+    def load(self, state: dict) -> float:
+        started = time.perf_counter()
+        self.model.load_state_dict(state)
+        return time.perf_counter() - started
+
+
+def weight_sync(depth: int, repeats: int) -> None:
+    import ray
+
+    from raychat.model import GPTConfig, build_model
+    learner = build_model(GPTConfig(depth=depth, vocab_size=65536), init=False)
+    state = {k: v.detach() for k, v in learner.state_dict().items()}
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    target = ray.remote(SyncTarget).options(num_cpus=1).remote(depth)
+
+    def sync():
+        started = time.perf_counter()
+        ref = ray.put(state)
+        put = time.perf_counter() - started
+        ray.get(target.load.remote(ref))
+        total = time.perf_counter() - started
+        del ref
+        return put, total
+
+    ray.get(target.load.remote(ray.put(state)))   # warm-up: the actor's first load
+    results = [sync() for _ in range(repeats)]
+    put, total = min(results, key=lambda r: r[1])
+    copy = build_model(GPTConfig(depth=depth, vocab_size=65536), init=False)
+    baseline, _ = best(lambda: copy.load_state_dict(state), repeats)
+    print(f"weight sync d{depth} ({sum(v.numel() for v in state.values()) / 1e6:.0f} M params, {size / 2**30:.2f} GiB "
+          f"fp32): put {put:.2f} s, fetch + load {total - put:.2f} s, total {total:.2f} s; in-process "
+          f"load_state_dict {baseline:.2f} s; ratio {total / baseline:.1f}x")
+    ray.kill(target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sync-depth", type=int, default=20)
+    args = parser.parse_args()
+    from raychat.common import init_ray
+    init_ray(num_cpus=4, object_store_memory=6 * 2**30)
+    torch.set_num_threads(1)
+    rollout_throughput(demo_tokenizer(), args.repeats)
+    weight_sync(args.sync_depth, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
