@@ -31,7 +31,8 @@ demo: install
 	$(VENV)/bin/raychat train mid --preset demo
 	$(VENV)/bin/raychat train sft --preset demo
 	$(VENV)/bin/raychat eval chat --preset demo --source sft
-	$(VENV)/bin/raychat serve --preset demo
+	$(VENV)/bin/raychat train rl --preset demo
+	$(VENV)/bin/raychat serve --preset demo --set serve.source=rl
 
 clean:
 	rm -rf $(VENV) build *.egg-info tokenizer_rust/target
