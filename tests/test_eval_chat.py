@@ -167,3 +167,18 @@ def test_raychat_eval_chat_writes_the_table_csv_and_json(ray_cluster, tokenizer,
     assert rows[0].startswith("task,eval_type,num_problems,num_samples,accuracy,baseline,centered,pass@1,pass@2")
     assert [row.split(",")[0] for row in rows[1:]] == ["ARC-Easy", "SpellingBee"]
     assert not list((base / "report").glob(".*"))  # no temp file left behind
+
+
+@pytest.mark.parametrize("reply, right", [
+    ("48 + 24 = 72\n#### 72", True),
+    ("#### 72.0", True),                    # numeric comparison
+    ("first #### 70, then\n#### 72", True),  # the last #### is the answer
+    ("#### 1,072", False), ("#### -72", False), ("#### 7.2", False),
+    ("the answer is 72", False),            # no #### at all
+])
+def test_gsm8k_scoring_of_tricky_replies(reply, right):
+    task = build_task("GSM8K")
+    conversation = {**task[0], "answer": "72"}
+    assert task.evaluate(conversation, reply) is right
+    big = {**task[0], "answer": "-1250.5"}
+    assert task.evaluate(big, "#### -1,250.50") and not task.evaluate(big, "#### 1250.5")
