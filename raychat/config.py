@@ -168,6 +168,9 @@ class RLConfig(TrainConfig):
     advantage: str = opt("mean", choices=("mean", "grpo"), help="reward - group mean; grpo: also / group std")
     max_staleness: int = opt(0, min=0, max=1, help="weight versions a rollout may lag the learner: 0 = on-policy; "
                                                    "1 = step k+1 is generated while step k is learned")
+    ppo_epochs: int = opt(1, min=1, max=16, help="updates per batch of rollouts (> 1: PPO's clipped ratio)")
+    clip_eps: float = opt(0.2, min=0.0, max=1.0, help="PPO ratio clipping, when ppo_epochs > 1")
+    kl_coef: float = opt(0.0, min=0.0, max=10.0, help="KL penalty to the starting (SFT) policy; 0 = none (nanochat)")
     num_epochs: int = opt(1, min=1, help="passes over the questions when num_iterations = -1")
     init_lr_frac: float = opt(0.05, min=0.0, max=1.0, help="learning rates start at this fraction of the base LRs")
     device_batch_size: int = opt(8, min=1, help="replies (rows) per worker per micro-step")

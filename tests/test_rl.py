@@ -66,9 +66,9 @@ def test_rows_carry_the_advantage_on_sampled_tokens_only_and_zero_signal_groups_
     samples = [sample([1, 2, 3, 4], [0, 0, 1, 1], 1.0), sample([1, 2, 5], [0, 0, 1], 0.0),
                sample([1, 6, 7], [0, 1, 0], 0.0), sample([1, 8], [0, 1], 0.0)]
     rows, stats = sample_rows(samples, num_samples=2, kind="mean")
-    assert rows[0] == ([1, 2, 3], [-1, 3, 4], [0.0, 0.5, 0.5])
-    assert rows[1] == ([1, 2], [-1, 5], [0.0, -0.5])
-    assert rows[2] == ([1, 6], [6, -1], [0.0, 0.0])   # a forced token (mask 0) is not a target
+    assert rows[0][:3] == ([1, 2, 3], [-1, 3, 4], [0.0, 0.5, 0.5])
+    assert rows[1][:3] == ([1, 2], [-1, 5], [0.0, -0.5])
+    assert rows[2][:3] == ([1, 6], [6, -1], [0.0, 0.0])   # a forced token (mask 0) is not a target
     assert stats["zero_signal_groups"] == 1 and stats["groups"] == 2 and stats["reward"] == 0.25
     [batch] = micro_batches(rows, rows_per_batch=4)
     assert batch.inputs.shape == (4, 3) and batch.targets[1].tolist() == [-1, 5, -1]
@@ -183,7 +183,7 @@ def rewards_logged(base, run: str) -> list[float]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-@pytest.mark.parametrize("staleness", [0, 1])
+@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy", "stale-ppo-kl-killed"])
 def test_rl_learns_a_toy_task_on_ray_train(ray_cluster, tokenizer, tmp_path, monkeypatch, staleness):
     from raychat.config import load_config
     from raychat.train.launch import train_main
@@ -198,8 +198,9 @@ def test_rl_learns_a_toy_task_on_ray_train(ray_cluster, tokenizer, tmp_path, mon
                  "rl.max_new_tokens=3", f"rl.num_iterations={steps}", "rl.init_lr_frac=1.0", "rl.eval_problems=1",
                  "rl.eval_samples=4", "rl.save_every=4", f"rl.max_staleness={staleness}", f"run.name=toy{staleness}",
                  "rl.parent_run=default"]
-    if staleness == 1:  # and a learner worker dies at step 6: the run resumes from step 4's checkpoint
-        overrides += ["run.kill_worker_at_step=6", "rl.max_failures=1"]
+    if staleness == 1:  # with PPO (2 updates per batch) and a KL penalty; a learner worker dies at step 6 and the
+        # run resumes from step 4's checkpoint
+        overrides += ["run.kill_worker_at_step=6", "rl.max_failures=1", "rl.ppo_epochs=2", "rl.kl_coef=0.01"]
     else:
         overrides += ["rl.max_failures=0"]
     cfg = load_config("demo", overrides)
@@ -212,3 +213,52 @@ def test_rl_learns_a_toy_task_on_ray_train(ray_cluster, tokenizer, tmp_path, mon
     assert '"pass@1"' in report
     if staleness == 1:
         assert (base / "checkpoints" / "rl" / "toy1" / ".fault_injected").exists()
+
+
+# ------------------------------------------------------------------------------- PPO clipping and KL
+
+def ppo_batch(tokenizer, model, shift_old=0.0, shift_ref=None):
+    """Two replies with advantages +0.5 / -0.5; old (and reference) log-probs = the model's own + shift."""
+    samples = [{"ids": [5, 6, 7, 8], "mask": [0, 1, 1, 1], "reward": 1.0, "reply_tokens": 3, "tool_calls": 0},
+               {"ids": [5, 9, 10], "mask": [0, 1, 1], "reward": 0.0, "reply_tokens": 2, "tool_calls": 0}]
+    logp = token_logprobs(model, [s["ids"] for s in samples], "cpu")
+    for s, lp in zip(samples, logp):
+        s["logprobs"] = [x + shift_old for x in lp]
+        if shift_ref is not None:
+            s["ref_logprobs"] = [x + shift_ref for x in lp]
+    rows, _ = sample_rows(samples, num_samples=2, kind="mean")
+    [batch] = micro_batches(rows, rows_per_batch=2)
+    return batch, logp
+
+
+def gradients(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_the_clipped_loss_at_ratio_one_has_the_policy_gradient(tokenizer):
+    from raychat.rl.loss import policy_loss
+    model = tiny_model(tokenizer).train()
+    batch, _ = ppo_batch(tokenizer, model.eval())
+    model.train()
+    reinforce = gradients(model, token_loss_sum(model, batch))
+    clipped = gradients(model, policy_loss(0.2, 0.0)(model, batch))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(reinforce, clipped))
+
+
+def test_the_clipped_loss_and_the_kl_penalty_by_hand(tokenizer):
+    from raychat.rl.loss import policy_loss
+    model = tiny_model(tokenizer).eval()
+    # old log-probs log(2) below the current ones: ratio 2 everywhere, clipped to 1.2 where A > 0 (the min
+    # of 2A and 1.2A), kept at 2 where A < 0 (min of -1 and -0.6)
+    batch, logp = ppo_batch(tokenizer, model, shift_old=-math.log(2))
+    with torch.no_grad():
+        loss = float(policy_loss(0.2, 0.0)(model, batch))
+    assert loss == pytest.approx(-(3 * 1.2 * 0.5 + 2 * 2 * -0.5), rel=1e-5)
+    # reference 0.5 above the policy on every sampled token: k3 = e^0.5 - 0.5 - 1 per token, 5 tokens
+    batch, _ = ppo_batch(tokenizer, model, shift_old=0.0, shift_ref=0.5)
+    with torch.no_grad():
+        with_kl = float(policy_loss(0.2, 0.1)(model, batch))
+        without = float(policy_loss(0.2, 0.0)(model, batch))
+    assert with_kl - without == pytest.approx(0.1 * 5 * (math.exp(0.5) - 0.5 - 1), rel=1e-5)

@@ -33,8 +33,8 @@ def group_advantages(rewards: list[float], kind: str = "mean") -> list[float]:
 
 
 def sample_rows(samples: list[dict], num_samples: int, kind: str) -> tuple[list[tuple], dict]:
-    """(inputs, targets, weights) per sample, and step statistics. `samples` come grouped by question,
-    `num_samples` consecutive samples per group."""
+    """(inputs, targets, weights, old log-probs, reference log-probs or None) per sample, and step
+    statistics. `samples` come grouped by question, `num_samples` consecutive samples per group."""
     rows, zero_signal = [], 0
     for start in range(0, len(samples), num_samples):
         group = samples[start:start + num_samples]
@@ -43,7 +43,8 @@ def sample_rows(samples: list[dict], num_samples: int, kind: str) -> tuple[list[
         for sample, advantage in zip(group, group_advantages(rewards, kind)):
             ids, mask = sample["ids"], sample["mask"]
             targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
-            rows.append((ids[:-1], targets, [advantage if m else 0.0 for m in mask[1:]]))
+            rows.append((ids[:-1], targets, [advantage if m else 0.0 for m in mask[1:]], sample.get("logprobs"),
+                         sample.get("ref_logprobs")))
     n = max(1, len(samples))
     stats = {"reward": sum(s["reward"] for s in samples) / n, "zero_signal_groups": zero_signal,
              "groups": len(samples) // max(1, num_samples),
@@ -57,13 +58,20 @@ def micro_batches(rows: list[tuple], rows_per_batch: int) -> list[Batch]:
     batches = []
     for start in range(0, len(rows), rows_per_batch):
         part = rows[start:start + rows_per_batch]
-        width = max(len(inputs) for inputs, _, _ in part)
+        width = max(len(row[0]) for row in part)
         inputs = torch.zeros((len(part), width), dtype=torch.long)
         targets = torch.full((len(part), width), -1, dtype=torch.long)
         weights = torch.zeros((len(part), width), dtype=torch.float32)
-        for row, (i, t, w) in enumerate(part):
+        old = torch.zeros((len(part), width), dtype=torch.float32)
+        ref = torch.zeros((len(part), width), dtype=torch.float32)
+        for row, (i, t, w, old_lp, ref_lp) in enumerate(part):
             inputs[row, :len(i)] = torch.tensor(i)
             targets[row, :len(t)] = torch.tensor(t)
             weights[row, :len(w)] = torch.tensor(w)
-        batches.append(Batch(inputs, targets, weights))
+            if old_lp is not None:
+                old[row, :len(old_lp)] = torch.tensor(old_lp)
+            if ref_lp is not None:
+                ref[row, :len(ref_lp)] = torch.tensor(ref_lp)
+        has_old, has_ref = all(r[3] is not None for r in part), all(r[4] is not None for r in part)
+        batches.append(Batch(inputs, targets, weights, old if has_old else None, ref if has_ref else None))
     return batches

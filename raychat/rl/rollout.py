@@ -59,11 +59,18 @@ def token_logprobs(model, sequences: list[list[int]], device: str) -> list[list[
 class RolloutWorker(ModelWorker):
     """A pool actor that samples and grades replies for RL (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, use_gpu: bool, task_spec: str):
+    def __init__(self, model, tokenizer, use_gpu: bool, task_spec: str, reference_path: str | None = None):
         super().__init__(model, tokenizer, use_gpu)
         self.task_spec = task_spec
         self.task = None
         self.version = 0
+        self.reference = None   # the starting (SFT) policy, for the KL penalty: read from its checkpoint
+        if reference_path is not None:
+            from raychat.checkpoint import load_model
+            self.reference, _ = load_model(reference_path, device=self.device)
+            if self.device == "cpu":
+                self.reference.float()
+            self.reference.eval()
 
     def set_weights(self, version: int, state: dict) -> float:
         """Load the learner's weights of `version`; returns the seconds it took."""
@@ -98,6 +105,7 @@ class RolloutWorker(ModelWorker):
                 include_stop=True)
             generated = time.perf_counter()
             logprobs = token_logprobs(self.model, sequences, self.device)
+            reference = token_logprobs(self.reference, sequences, self.device) if self.reference is not None else None
         stop_tokens = engine.stop_tokens
         samples = []
         for i, (sequence, mask, lp) in enumerate(zip(sequences, masks, logprobs)):
@@ -107,6 +115,8 @@ class RolloutWorker(ModelWorker):
             samples.append({"question": question["index"], "ids": sequence, "mask": mask, "logprobs": lp,
                             "reward": float(self.task.reward(question["conversation"], text)),
                             "reply_tokens": sum(mask), "tool_calls": text.count("<|python_start|>")})
+            if reference is not None:
+                samples[-1]["ref_logprobs"] = reference[i]
         return {"samples": samples, "version": self.version, "generate_s": generated - started,
                 "logprob_s": time.perf_counter() - generated,
                 "tokens": sum(len(s["ids"]) - len(questions[i // n]["prompt"]) for i, s in enumerate(samples))}

@@ -1,7 +1,8 @@
 """RL (`raychat train rl`): the learner is the shared trainer (Ray Train + DeepSpeed workers, the shared
 step and loop); generation runs on rollout actors beside it (rollout.py), so each side scales on its own.
 
-Per step, each learner rank takes its share of the step's questions (a fixed shuffle of the task, so the
+Per batch of rollouts (one per step; `rl.ppo_epochs` steps with PPO's clipped loss, loss.py), each
+learner rank takes its share of the batch's questions (a fixed shuffle of the task, so the
 position in it is the whole data cursor and resume is exact), has its rollout actors sample
 `rl.num_samples` replies to each (one question per chunk, on whichever actor is free; an actor that dies
 is replaced and its questions sampled again, none lost or counted twice), turns rewards into advantages
@@ -34,6 +35,13 @@ log = get_logger("raychat.train")
 
 class RLStage(ChatStage):
     name, section_name = "rl", "rl"
+
+    def __init__(self, cfg, plan: dict | None = None):
+        super().__init__(cfg, plan)
+        s = self.section
+        if s.ppo_epochs > 1 or s.kl_coef > 0:   # otherwise the shared step's weighted cross-entropy is the loss
+            from raychat.rl.loss import policy_loss
+            self.loss_fn = policy_loss(s.clip_eps, s.kl_coef)
 
     def parent_stage(self) -> str:
         return self.section.source
@@ -86,8 +94,8 @@ class RLStage(ChatStage):
             raise UserError(f"each worker trains on rl.examples_per_step / num_workers x rl.num_samples = {rows} "
                             f"replies per step, which rl.device_batch_size ({s.device_batch_size}) must divide")
         steps = s.num_iterations
-        if steps <= 0:
-            steps = self.plan["questions"] * s.num_epochs // s.examples_per_step
+        if steps <= 0:   # one update per batch of rollouts, ppo_epochs with PPO
+            steps = self.plan["questions"] * s.num_epochs // s.examples_per_step * s.ppo_epochs
             if steps == 0:
                 raise UserError(f"{s.task} has {self.plan['questions']} questions, fewer than one step "
                                 f"({s.examples_per_step}): lower rl.examples_per_step")
@@ -150,6 +158,7 @@ class RolloutStream:
         self.version = self.step                     # weights version = optimizer steps taken
         self.horizon_steps = stage.horizon(world, 0).num_iterations
         self.pool, self.weights_ref = None, None
+        self.rows = None                             # the current rollouts' rows (reused by PPO epochs)
         self.queue: deque = deque()
         self.ahead = None                            # (step, future) of rollouts dispatched one step early
         self.executor = ThreadPoolExecutor(1) if s.max_staleness else None
@@ -161,8 +170,9 @@ class RolloutStream:
         from raychat.rl.rollout import RolloutWorker
         s = self.section
         per_rank = max(1, s.num_rollout_actors // self.world)
+        reference = self.stage.parent()["path"] if s.kl_coef > 0 else None
         self.pool = ModelPool(RolloutWorker, self._policy_copy(), self.tokenizer, per_rank, s.use_gpu, s.task,
-                              num_gpus=self.stage.actor_gpus())
+                              reference, num_gpus=self.stage.actor_gpus())
         self.pool.on_replace = lambda actor: actor.set_weights.remote(self.version, self.weights_ref)
         self._send_weights()
 
@@ -191,9 +201,9 @@ class RolloutStream:
         return dict(self.step_stats)
 
     # -- sampling ---------------------------------------------------------------------------------------
-    def questions(self, step: int) -> list[int]:
+    def questions(self, batch: int) -> list[int]:
         per_rank = self.section.examples_per_step // self.world
-        first = step * self.section.examples_per_step + self.rank * per_rank
+        first = batch * self.section.examples_per_step + self.rank * per_rank
         return [self.order[(first + j) % len(self.order)] for j in range(per_rank)]
 
     def sample(self, task, indices, num_samples: int, seed: int, min_version: int) -> list[dict]:
@@ -208,26 +218,35 @@ class RolloutStream:
                            "top_k": s.top_k, "seed": seed, "min_version": min_version})
         return self.pool.map("rollout", chunks)
 
-    def _rollouts(self, step: int):
+    def _rollouts(self, batch: int):
+        """Rollout batch `batch` (used by steps batch x ppo_epochs ...), sampled with weights no older than
+        rl.max_staleness versions before its first step."""
         s = self.section
-        return self.sample(self.task, self.questions(step), s.num_samples, seed=self.stage.cfg.run.seed * 10**6 + step,
-                           min_version=step - s.max_staleness)
+        return self.sample(self.task, self.questions(batch), s.num_samples, seed=self.stage.cfg.run.seed * 10**6 + batch,
+                           min_version=batch * s.ppo_epochs - s.max_staleness)
 
     def _fill(self) -> None:
         from raychat.rl.advantage import micro_batches, sample_rows
         from raychat.rl.rollout import token_logprobs
+        epochs = self.section.ppo_epochs
         if self.pool is None:
             self._start_pool()
+        if self.step % epochs and self.rows is not None:   # PPO: the same replies, another update
+            self.queue.extend(micro_batches(self.rows, self.rows_per_batch))
+            self.step += 1
+            return
+        batch = self.step // epochs
         started = time.perf_counter()
-        if self.ahead is not None and self.ahead[0] == self.step:
+        if self.ahead is not None and self.ahead[0] == batch:
             results = self.ahead[1].result()
         else:
-            results = self._rollouts(self.step)
+            results = self._rollouts(batch)
         waited = time.perf_counter() - started
-        if self.executor is not None and self.step + 1 < self.horizon_steps:
-            self.ahead = (self.step + 1, self.executor.submit(self._rollouts, self.step + 1))
+        if self.executor is not None and (batch + 1) * epochs < self.horizon_steps:
+            self.ahead = (batch + 1, self.executor.submit(self._rollouts, batch + 1))
         samples = [sample for r in results for sample in r["samples"]]
         rows, stats = sample_rows(samples, self.section.num_samples, self.section.advantage)
+        self.rows = rows
         self.queue.extend(micro_batches(rows, self.rows_per_batch))
         # the learner's log-probabilities of a few replies, against the actors' (staleness and precision)
         check = samples[:4]

@@ -26,15 +26,19 @@ from raychat.optim import lr_multiplier, muon_momentum
 
 @dataclass
 class Batch:
-    """One micro-batch: token ids, next-token targets (-1 = no loss at that position) and optional
-    per-token loss weights (RL advantages)."""
+    """One micro-batch: token ids, next-token targets (-1 = no loss at that position), optional per-token
+    loss weights (RL advantages), and for RL's clipped and KL-penalised losses the log-probabilities of the
+    targets under the weights that sampled them (`old_logprobs`) and under the reference policy."""
     inputs: torch.Tensor
     targets: torch.Tensor
     weights: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         move = (lambda t: None if t is None else t.to(device, non_blocking=True))
-        return Batch(move(self.inputs), move(self.targets), move(self.weights))
+        return Batch(move(self.inputs), move(self.targets), move(self.weights), move(self.old_logprobs),
+                     move(self.ref_logprobs))
 
     @classmethod
     def of(cls, item) -> "Batch":
