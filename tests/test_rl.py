@@ -158,7 +158,7 @@ def first_token_chance(model, tokenizer, word: str) -> float:
 
 
 def toy_word(model, tokenizer) -> str:
-    """A word the untrained model starts its reply with now and then (2-12 of 64 sampled replies, drawn by
+    """A word the untrained model starts its reply with now and then (3-8 of 64 sampled replies, drawn by
     a rollout worker as the RL run will): learnable, and far from learnt."""
     words = sorted({tokenizer.decode([i]).strip() for i in range(256, tokenizer.get_vocab_size())
                     if tokenizer.decode([i]).strip().isalpha() and len(tokenizer.decode([i]).strip()) >= 3})
@@ -170,9 +170,9 @@ def toy_word(model, tokenizer) -> str:
                     "conversation": task.question(0)}
         result = worker.rollout({"questions": [question], "num_samples": 64, "max_tokens": 3, "temperature": 1.0,
                                  "top_k": 50, "seed": 99, "min_version": 0})
-        if 2 <= sum(s["reward"] for s in result["samples"]) <= 12:
+        if 3 <= sum(s["reward"] for s in result["samples"]) <= 8:
             return word
-    raise AssertionError("no word that 2-12 of 64 replies start with")
+    raise AssertionError("no word that 3-8 of 64 replies start with")
 
 
 def rewards_logged(base, run: str) -> list[float]:
@@ -183,7 +183,7 @@ def rewards_logged(base, run: str) -> list[float]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy", "stale-ppo-kl-killed"])
+@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy", "stale-ppo-killed"])
 def test_rl_learns_a_toy_task_on_ray_train(ray_cluster, tokenizer, tmp_path, monkeypatch, staleness):
     from raychat.config import load_config
     from raychat.train.launch import train_main
@@ -193,14 +193,14 @@ def test_rl_learns_a_toy_task_on_ray_train(ray_cluster, tokenizer, tmp_path, mon
     from raychat.checkpoint import load_model
     parent, _ = load_model(base / "checkpoints" / "sft" / "default" / "step_000000")
     word = toy_word(parent.eval(), tokenizer)   # the very weights RL starts from
-    steps = 12
-    overrides = [f"rl.task=fixed:{word}", "rl.num_samples=8", "rl.examples_per_step=2", "rl.device_batch_size=8",
+    steps = 16
+    overrides = [f"rl.task=fixed:{word}", "rl.num_samples=16", "rl.examples_per_step=2", "rl.device_batch_size=16",
                  "rl.max_new_tokens=3", f"rl.num_iterations={steps}", "rl.init_lr_frac=1.0", "rl.eval_problems=1",
                  "rl.eval_samples=4", "rl.save_every=4", f"rl.max_staleness={staleness}", f"run.name=toy{staleness}",
                  "rl.parent_run=default"]
-    if staleness == 1:  # with PPO (2 updates per batch) and a KL penalty; a learner worker dies at step 6 and the
-        # run resumes from step 4's checkpoint
-        overrides += ["run.kill_worker_at_step=6", "rl.max_failures=1", "rl.ppo_epochs=2", "rl.kl_coef=0.01"]
+    if staleness == 1:  # with PPO (2 updates per batch); a learner worker dies at step 6 and the run resumes
+        # from step 4's checkpoint
+        overrides += ["run.kill_worker_at_step=6", "rl.max_failures=1", "rl.ppo_epochs=2"]
     else:
         overrides += ["rl.max_failures=0"]
     cfg = load_config("demo", overrides)

@@ -227,40 +227,42 @@ class RolloutStream:
 
     def _fill(self) -> None:
         from raychat.rl.advantage import micro_batches, sample_rows
-        from raychat.rl.rollout import token_logprobs
         epochs = self.section.ppo_epochs
         if self.pool is None:
             self._start_pool()
-        if self.step % epochs and self.rows is not None:   # PPO: the same replies, another update
-            self.queue.extend(micro_batches(self.rows, self.rows_per_batch))
-            self.step += 1
-            return
         batch = self.step // epochs
-        started = time.perf_counter()
-        if self.ahead is not None and self.ahead[0] == batch:
-            results = self.ahead[1].result()
-        else:
-            results = self._rollouts(batch)
-        waited = time.perf_counter() - started
-        if self.executor is not None and (batch + 1) * epochs < self.horizon_steps:
+        if self.step % epochs == 0 or self.rows is None:   # a new batch of rollouts (else PPO reuses it)
+            started = time.perf_counter()
+            if self.ahead is not None and self.ahead[0] == batch:
+                results = self.ahead[1].result()
+            else:
+                results = self._rollouts(batch)
+            samples = [sample for r in results for sample in r["samples"]]
+            self.rows, stats = sample_rows(samples, self.section.num_samples, self.section.advantage)
+            self.step_stats = {**stats, **self._rollout_stats(results, samples, time.perf_counter() - started)}
+        # with max_staleness 1 the next batch is sampled during this batch's last update, by weights one
+        # version older than the step that will learn from it
+        if self.executor is not None and self.step % epochs == epochs - 1 and (batch + 1) * epochs < self.horizon_steps:
             self.ahead = (batch + 1, self.executor.submit(self._rollouts, batch + 1))
-        samples = [sample for r in results for sample in r["samples"]]
-        rows, stats = sample_rows(samples, self.section.num_samples, self.section.advantage)
-        self.rows = rows
-        self.queue.extend(micro_batches(rows, self.rows_per_batch))
-        # the learner's log-probabilities of a few replies, against the actors' (staleness and precision)
+        self.queue.extend(micro_batches(self.rows, self.rows_per_batch))
+        self.step += 1
+
+    def _rollout_stats(self, results: list[dict], samples: list[dict], waited: float) -> dict:
+        """Throughput, lag, restarts, and the learner's log-probabilities of a few replies against the
+        actors' (staleness and precision)."""
+        from raychat.rl.rollout import token_logprobs
         check = samples[:4]
-        was_training = self.stage.model.training
-        self.stage.model.eval()
+        model = self.stage.model
+        was_training = model.training
+        model.eval()
         with torch.no_grad():
-            mine = token_logprobs(self.stage.model, [smp["ids"] for smp in check], next(self.stage.model.parameters()).device)
-        self.stage.model.train(was_training)
+            mine = token_logprobs(model, [smp["ids"] for smp in check], next(model.parameters()).device)
+        model.train(was_training)
         gaps = [abs(a - b) for smp, lp in zip(check, mine) for a, b, m in zip(smp["logprobs"], lp, smp["mask"][1:]) if m]
         generate_s = sum(r["generate_s"] for r in results)
-        self.step_stats = {**stats, "rollout_wait_s": waited, "rollout_tokens_per_s": sum(r["tokens"] for r in results) / max(generate_s, 1e-9),
-                      "logprob_gap": sum(gaps) / max(1, len(gaps)), "weights_lag": self.version - min(r["version"] for r in results),
-                      "actor_restarts": self.pool.restarts}
-        self.step += 1
+        return {"rollout_wait_s": waited, "rollout_tokens_per_s": sum(r["tokens"] for r in results) / max(generate_s, 1e-9),
+                "logprob_gap": sum(gaps) / max(1, len(gaps)), "weights_lag": self.version - min(r["version"] for r in results),
+                "actor_restarts": self.pool.restarts}
 
     def __iter__(self):
         return self
