@@ -11,7 +11,11 @@
    the put, for the fetch + load, and in total (the target for d20 is < 1 s over NCCL on GPUs; on CPU the
    object store copies the bytes twice). The baseline printed beside it is a plain in-process
    `load_state_dict` of the same tensors: the sync's overhead over a copy it cannot avoid.
-Best of --repeats runs each. Needs RAYCHAT_DATA_DIR (the offline shards and GSM8K).
+3. Step time, `rl.max_staleness` 0 vs 1: `raychat train rl` on Ray Train (2 learner workers, 2 rollout
+   actors, a depth-2 random "SFT" model, the toy task, 8 questions x 4 replies of 32 tokens per step,
+   12 steps); per step: wall time, the learner's waiting for rollouts, the weight sync. Prints the
+   stale / on-policy step-time ratio (< 1: generation overlapped with learning).
+Best of --repeats runs each (parts 1-2). Needs RAYCHAT_DATA_DIR (the offline shards and GSM8K).
 """
 from __future__ import annotations
 
@@ -118,6 +122,48 @@ def weight_sync(depth: int, repeats: int) -> None:
     ray.kill(target)
 
 
+def step_split(tokenizer) -> None:
+    """Part 3 (see the module docstring), in a temporary RAYCHAT_BASE_DIR."""
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from raychat.checkpoint import save_model
+    from raychat.config import load_config
+    from raychat.model import GPTConfig, build_model
+    from raychat.train.launch import train_main
+    base = Path(tempfile.mkdtemp(prefix="raychat_bench_rl_"))
+    os.environ["RAYCHAT_BASE_DIR"] = str(base)
+    tokenizer.save(base / "tokenizer")
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(depth=2, vocab_size=tokenizer.get_vocab_size(), sequence_len=256))
+    save_model(base / "checkpoints" / "sft" / "default" / "step_000000", model,
+               {"step": 0, "tokenizer_fingerprint": tokenizer.fingerprint()})
+    steps, results = 12, {}
+    for staleness in (0, 1):
+        run = f"stale{staleness}"
+        cfg = load_config("demo", [f"run.name={run}", "rl.parent_run=default", "rl.task=fixed:the",
+                                   "rl.examples_per_step=8", "rl.num_samples=4", "rl.max_new_tokens=32",
+                                   "rl.device_batch_size=8", f"rl.num_iterations={steps}", "rl.save_every=0",
+                                   "rl.eval_problems=1", "rl.eval_samples=1", f"rl.max_staleness={staleness}"])
+        train_main(cfg, SimpleNamespace(subcommand="rl"))
+        events = EventAccumulator(str(base / "tb" / "rl" / run))
+        events.Reload()
+
+        def mean(tag, skip=2):  # the first steps include start-up
+            values = [e.value for e in events.Scalars(tag)][skip:]
+            return sum(values) / len(values)
+        # train/step_seconds: the loop's running mean of the step (waiting for rollouts + update), without the
+        # weight sync that follows it
+        step, wait, sync = mean("train/step_seconds", skip=steps - 1), mean("rl/rollout_wait_s"), mean("rl/sync_s")
+        results[staleness] = (step + sync, wait, sync)
+        print(f"max_staleness {staleness}: {step + sync:.2f} s/step = waiting for rollouts {wait:.2f} s + update "
+              f"{step - wait:.2f} s + weight sync {sync:.2f} s")
+    print(f"step time, max_staleness 1 / 0: {results[1][0] / results[0][0]:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
@@ -126,8 +172,10 @@ def main() -> None:
     from raychat.common import init_ray
     init_ray(num_cpus=4, object_store_memory=6 * 2**30)
     torch.set_num_threads(1)
-    rollout_throughput(demo_tokenizer(), args.repeats)
+    tokenizer = demo_tokenizer()
+    rollout_throughput(tokenizer, args.repeats)
     weight_sync(args.sync_depth, args.repeats)
+    step_split(tokenizer)
 
 
 if __name__ == "__main__":
