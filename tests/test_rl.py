@@ -262,3 +262,19 @@ def test_the_clipped_loss_and_the_kl_penalty_by_hand(tokenizer):
         with_kl = float(policy_loss(0.2, 0.1)(model, batch))
         without = float(policy_loss(0.2, 0.0)(model, batch))
     assert with_kl - without == pytest.approx(0.1 * 5 * (math.exp(0.5) - 0.5 - 1), rel=1e-5)
+
+
+def test_placement_needs_enough_gpus_and_says_so_before_anything_starts(ray_cluster):
+    from raychat.common import UserError
+    from raychat.config import load_config
+    from raychat.rl.stage import RLStage
+    split = RLStage(load_config("d20", []))           # 8 learners + 8 actors, one GPU each
+    with pytest.raises(UserError, match="rl.placement=split with 8 learners and 8 rollout actors needs 16 GPUs; "
+                                        "the cluster has 0"):
+        split.check_placement()
+    colocated = RLStage(load_config("d20", ["rl.placement=colocated"]))
+    with pytest.raises(UserError, match="needs 8 GPUs"):
+        colocated.check_placement()
+    assert (split.actor_gpus(), split.learner_gpus()) == (1.0, 1.0)
+    assert (colocated.actor_gpus(), colocated.learner_gpus()) == (0.5, 0.5)
+    RLStage(load_config("demo", [])).check_placement()   # CPU: nothing to check
