@@ -168,7 +168,7 @@ def print0(*args, **kwargs) -> None:
 
 # ----------------------------------------------------------------------------------------------- Ray
 
-# Set before Ray starts a local node (ENVIRONMENT.md §0): node on 127.0.0.1 instead of eth0, fast
+# Set before Ray starts a local node (docs/ray_and_deepspeed.md): node on 127.0.0.1 instead of eth0, fast
 # ray.train.report (the 2 s default health check makes each report cost ~1.3 s), quiet Ray Data logs.
 # set in every GPU worker before CUDA starts: the caching allocator grows segments instead of fragmenting
 # (activations of different sizes at every micro-step would otherwise strand GiBs)
@@ -186,7 +186,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     local Ray on 127.0.0.1 with enough logical CPUs for Ray Data beside the train workers.
 
     On 2 cores, 2 train workers holding one CPU each leave Ray Data no CPU and the pipeline hangs
-    (ENVIRONMENT.md trap 1), so the local node advertises at least 4 logical CPUs.
+    (docs/ray_and_deepspeed.md), so the local node advertises at least 4 logical CPUs.
     """
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
