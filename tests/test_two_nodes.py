@@ -53,17 +53,34 @@ def node_ports(head: bool) -> list[str]:
     return [f"--{name}={port}" for name, port in zip(names, free_ports(len(names)))]
 
 
+def ray_cli(args: list[str], env: dict, timeout: int = 180) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"ray {' '.join(args[:2])} failed:\n{(done.stdout + done.stderr)[-3000:]}"
+    return done
+
+
+def marked_processes(marker: str) -> list:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("RAYCHAT_TEST_CLUSTER") == marker:
+                found.append(process)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+def safe_connections(process) -> list:
+    try:
+        return process.net_connections(kind="inet")
+    except (psutil.Error, OSError):
+        return []
+
+
 def stop_marked(marker: str) -> None:
     """SIGTERM, then SIGKILL, every process whose environment carries this cluster's marker."""
     def marked():
-        found = []
-        for process in psutil.process_iter():
-            try:
-                if process.environ().get("RAYCHAT_TEST_CLUSTER") == marker:
-                    found.append(process)
-            except (psutil.Error, OSError):
-                pass
-        return found
+        return marked_processes(marker)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for process in marked():
             try:
@@ -89,17 +106,19 @@ def cluster(tokenizer, data_dir):
     dashboard = next(p.split("=")[1] for p in head_ports if p.startswith("--dashboard-port="))
     resources = json.dumps({RESOURCE: 1})
     try:
-        subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", f"--resources={resources}",
-                        "--dashboard-host=127.0.0.1", f"--temp-dir={root / 'head'}", "--disable-usage-stats",
-                        *head_ports], env=env, check=True, capture_output=True, text=True, timeout=180)
-        subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
-                        f"--resources={resources}", f"--temp-dir={root / 'node2'}", "--disable-usage-stats",
-                        *node_ports(head=False)], env=env, check=True, capture_output=True, text=True, timeout=180)
+        ray_cli(["start", "--head", "--num-cpus=2", f"--resources={resources}", "--dashboard-host=127.0.0.1",
+                 f"--temp-dir={root / 'head'}", "--disable-usage-stats", *head_ports], env)
+        # joining needs the multi-node switch on; the node then takes its address from the head's point of
+        # view, 127.0.0.1, so it listens on loopback too (checked below)
+        ray_cli(["start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--resources={resources}",
+                 f"--temp-dir={root / 'node2'}", "--disable-usage-stats", *node_ports(head=False)],
+                {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
         runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
         runtime_env["env_vars"].update({"RAYCHAT_BASE_DIR": str(base), "RAYCHAT_DATA_DIR": str(data_dir),
                                         "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
         (root / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
-        yield {"root": root, "base": base, "env": env, "address": f"http://127.0.0.1:{dashboard}"}
+        yield {"root": root, "base": base, "env": env, "address": f"http://127.0.0.1:{dashboard}",
+               "marker": marker}
     finally:
         stop_marked(marker)
 
@@ -112,10 +131,12 @@ def submit(cluster) -> subprocess.CompletedProcess:
 
 
 def test_two_nodes_job_fails_then_resubmission_continues(cluster):
-    nodes = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", cluster["address"], "--format", "json"],
-                           env=cluster["env"], capture_output=True, text=True, timeout=60, check=True)
+    nodes = ray_cli(["list", "nodes", "--address", cluster["address"], "--format", "json"], cluster["env"])
     alive = [n for n in json.loads(nodes.stdout) if n["state"] == "ALIVE"]
-    assert len(alive) == 2
+    assert len(alive) == 2 and {n["node_ip"] for n in alive} == {"127.0.0.1"}
+    listening = {c.laddr.ip for p in marked_processes(cluster["marker"]) for c in safe_connections(p)
+                 if c.status == psutil.CONN_LISTEN}
+    assert listening and listening <= {"127.0.0.1"}, listening
 
     started = time.time()
     first = submit(cluster)
@@ -131,9 +152,8 @@ def test_two_nodes_job_fails_then_resubmission_continues(cluster):
     meta = json.loads((root / "step_000004" / "meta.json").read_text())
     assert meta["step"] == 4 and meta["world_size"] == 2
 
-    actors = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", cluster["address"], "--detail",
-                             "--format", "json", "--limit", "1000", "--filter", "class_name=RayTrainWorker"],
-                            env=cluster["env"], capture_output=True, text=True, timeout=60, check=True)
+    actors = ray_cli(["list", "actors", "--address", cluster["address"], "--detail", "--format", "json",
+                      "--limit", "1000", "--filter", "class_name=RayTrainWorker"], cluster["env"])
     workers = json.loads(actors.stdout)
     assert len(workers) >= 2
     # every worker group of both jobs: its two workers on the two different nodes
