@@ -23,15 +23,10 @@ $(STAMP): pyproject.toml $(RUST_SOURCES)
 test: install
 	$(PY) -m pytest -q tests
 
-# Every stage that exists, on the tiny `demo` preset, on a local Ray (offline with RAYCHAT_DATA_DIR set).
+# The speedrun on the tiny `demo` preset on a local Ray (offline with RAYCHAT_DATA_DIR set): every stage,
+# skipping finished ones, then the report card; then it serves the chat model (Ctrl-C stops it).
 demo: install
-	$(VENV)/bin/raychat tokenizer train --preset demo
-	$(VENV)/bin/raychat train base --preset demo
-	$(VENV)/bin/raychat eval base --preset demo
-	$(VENV)/bin/raychat train mid --preset demo
-	$(VENV)/bin/raychat train sft --preset demo
-	$(VENV)/bin/raychat eval chat --preset demo --source sft
-	$(VENV)/bin/raychat train rl --preset demo
+	$(VENV)/bin/raychat speedrun --preset demo
 	$(VENV)/bin/raychat serve --preset demo --set serve.source=rl
 
 clean:

@@ -55,6 +55,18 @@ COMMANDS: dict[tuple[str, str], tuple[str, str, list[tuple[tuple, dict]]]] = {
     ]),
 }
 
+# the whole pipeline (raychat/pipeline.py) and its report card (raychat/report.py)
+_COST = (("--usd-per-gpu-hour",), {"type": float, "default": 3.0,
+                                   "help": "price of one GPU-hour for the report card's cost (default 3.0: an "
+                                           "8xH100 node at $24/h)"})
+COMMANDS.update({
+    ("speedrun", ""): ("raychat.pipeline:speedrun_main",
+                       "every stage in order, skipping finished ones and resuming an interrupted one; then the report",
+                       [_COST]),
+    ("report", ""): ("raychat.report:main", "write the report card (report/report.md, plots) from the stages' outputs",
+                     [_COST]),
+})
+
 STAGE_HELP = {
     "config": "inspect presets and overrides",
     "tokenizer": "stage 1: train / evaluate the Rust BPE tokenizer",

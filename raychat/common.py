@@ -168,7 +168,7 @@ def print0(*args, **kwargs) -> None:
 
 # ----------------------------------------------------------------------------------------------- Ray
 
-# Set before Ray starts a local node (ENVIRONMENT.md §0): node on 127.0.0.1 instead of eth0, fast
+# Set before Ray starts a local node (docs/ray_and_deepspeed.md): node on 127.0.0.1 instead of eth0, fast
 # ray.train.report (the 2 s default health check makes each report cost ~1.3 s), quiet Ray Data logs.
 # set in every GPU worker before CUDA starts: the caching allocator grows segments instead of fragmenting
 # (activations of different sizes at every micro-step would otherwise strand GiBs)
@@ -181,12 +181,23 @@ LOCAL_RAY_ENV = {
 }
 
 
+def _job_env_vars() -> set[str]:
+    """The variables the runtime env of a submitted job (`ray job submit --runtime-env ...`) already sets for
+    the driver and every worker; Ray passes the job's config to its driver in this variable."""
+    import json
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return set()
+    return set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+
+
 def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, **kwargs):
     """Connect to RAY_ADDRESS when it is set (a cluster, or inside `ray job submit`); otherwise start a
     local Ray on 127.0.0.1 with enough logical CPUs for Ray Data beside the train workers.
 
     On 2 cores, 2 train workers holding one CPU each leave Ray Data no CPU and the pipeline hangs
-    (ENVIRONMENT.md trap 1), so the local node advertises at least 4 logical CPUs.
+    (docs/ray_and_deepspeed.md), so the local node advertises at least 4 logical CPUs.
     """
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -195,6 +206,8 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         return ray
     env_vars = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
     env_vars.update({k: os.environ[k] for k in ("RAYCHAT_BASE_DIR", "RAYCHAT_DATA_DIR") if k in os.environ})
+    for key in _job_env_vars():   # Ray refuses a ray.init runtime env that sets a job's variable again
+        env_vars.pop(key, None)
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)

@@ -77,6 +77,8 @@ class TrainConfig:
     num_workers: int = opt(8, min=1, help="Ray Train workers (one per GPU)")
     use_gpu: bool = opt(True)
     cpus_per_worker: float = opt(1.0, min=0.0, max=256.0)
+    resources_per_worker: str = opt("", help="custom Ray resources each worker also asks for, as name=amount[,...] "
+                                             "(e.g. to pin workers to nodes that advertise them)")
     deepspeed: bool = opt(True, help="Ray trainer: DeepSpeed ZeRO for the AdamW parameters; false = plain torch "
                                      "with averaged gradients")
     zero_stage: int = opt(2, choices=(1, 2), help="ZeRO-1/2 shard the AdamW state; Muon is raychat's own")
@@ -296,8 +298,9 @@ class Config:
         if "://" in self.run.storage_path:
             raise ConfigError(f"run.storage_path must be a filesystem path every node mounts (NFS, EFS, Lustre); "
                               f"object stores like '{self.run.storage_path.split('://')[0]}://' are not supported")
-        for stage in ("pretrain", "midtrain", "sft"):
+        for stage in ("pretrain", "midtrain", "sft", "rl"):
             section = getattr(self, stage)
+            parse_resources(section.resources_per_worker, f"{stage}.resources_per_worker")
             if isinstance(section, PretrainConfig) and section.sequence_len > section.max_seq_len:
                 raise ConfigError(f"{stage}.sequence_len ({section.sequence_len}) must be <= {stage}.max_seq_len "
                                   f"({section.max_seq_len})")
@@ -311,6 +314,23 @@ class Config:
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ConfigError(f"serve.min_replicas ({self.serve.min_replicas}) must be <= serve.max_replicas "
                               f"({self.serve.max_replicas})")
+
+
+def parse_resources(text: str, name: str) -> dict[str, float]:
+    """'slot=1,fast_disk=0.5' -> {"slot": 1.0, "fast_disk": 0.5}: custom Ray resources (CPU/GPU have their own
+    fields)."""
+    resources = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            amount = float(value) if sep else -1.0
+        except ValueError:
+            amount = -1.0
+        if not key.strip() or amount <= 0 or not math.isfinite(amount) or key.strip() in ("CPU", "GPU"):
+            raise ConfigError(f"{name} must be name=amount[,name=amount] with amounts > 0 and names other than CPU/GPU, "
+                              f"got '{text}'")
+        resources[key.strip()] = amount
+    return resources
 
 
 def _type_of(f: dataclasses.Field) -> type:

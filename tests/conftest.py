@@ -1,4 +1,4 @@
-"""Shared fixtures. Ray's environment is set before anything imports Ray (ENVIRONMENT.md §0)."""
+"""Shared fixtures. Ray's environment is set before anything imports Ray (docs/ray_and_deepspeed.md)."""
 import os
 
 from raychat.common import LOCAL_RAY_ENV

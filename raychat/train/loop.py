@@ -179,7 +179,8 @@ def run_stage(stage: Stage, rank: int, world: int, device: str, use_deepspeed: b
         if last or (section.save_every and done % section.save_every == 0):
             meta = {"stage": stage.name, "config": cfg.to_dict(), "model_config": model.config.to_dict(),
                     "tokenizer_fingerprint": tokenizer.fingerprint(), "metrics": metrics, "parent": start.parent,
-                    "num_params": num_params, "world_size": world, "trainer": backend.kind}
+                    "num_params": num_params, "world_size": world, "trainer": backend.kind,
+                    "num_iterations": horizon.num_iterations}   # the planned last step: "complete" = step == this
             path = checkpointing.save_training_checkpoint(root, done, model, backend, stream.state_dict(),
                                                           meta, rank, world)
             if rank == 0:

@@ -64,6 +64,7 @@ def fit(cfg, stage: str = "base", plan: dict | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raychat.config import parse_resources
     from raychat.train.stage import make_stage
 
     spec = make_stage(stage, cfg)
@@ -76,7 +77,8 @@ def fit(cfg, stage: str = "base", plan: dict | None = None):
     env_vars.setdefault("RAYCHAT_BASE_DIR", str(get_base_dir()))
     if not section.use_gpu:
         env_vars.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    resources = {"CPU": section.cpus_per_worker}
+    resources = {"CPU": section.cpus_per_worker,
+                 **parse_resources(section.resources_per_worker, f"{spec.section_name}.resources_per_worker")}
     if section.use_gpu:
         resources["GPU"] = spec.learner_gpus()
     # Ray's experiment directory IS raychat's checkpoint directory, so the checkpoints raychat writes there

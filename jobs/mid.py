@@ -1,0 +1,10 @@
+"""Ray job: mid-train the base model.
+
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/mid.py --preset d20 [--set ...]
+"""
+import sys
+
+from raychat.pipeline import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("mid"))
