@@ -1,4 +1,4 @@
-"""`raychat speedrun` end to end on a test-size config (every existing stage, real Ray, real training):
+"""`raychat speedrun` end to end on a test-size config (every stage, real Ray, real training):
 
 1. the first run dies in pretraining (a worker is killed, no retries): one line names the stage and the
    command that resumes;
@@ -28,10 +28,14 @@ SETS = [
     "sft.sequence_len=64", "sft.device_batch_size=2", "sft.total_batch_size=4", "sft.mixture=identity:20,spelling:20",
     "sft.num_iterations=3", "sft.eval_every=0", "sft.eval_tokens=512",
     "eval.core_max_per_task=2", "eval.bpb_tokens=1024", "eval.num_actors=1",
+    "eval.chat_tasks=ARC-Easy,GSM8K", "eval.max_problems=2", "eval.max_new_tokens=8",
+    "rl.sequence_len=64", "rl.num_iterations=2", "rl.examples_per_step=2", "rl.num_samples=2",
+    "rl.device_batch_size=2", "rl.max_new_tokens=8", "rl.eval_problems=2", "rl.eval_samples=1", "rl.save_every=0",
 ]
 # the first run: the last worker kills itself at step 3 (after the step-2 checkpoint) and Ray may not retry
 FAULT = ["run.kill_worker_at_step=3", "pretrain.max_failures=0"]
-STAGES = ["data", "tokenizer", "base", "base_eval", "mid", "sft"]
+STAGES = ["data", "tokenizer", "base", "base_eval", "mid", "chat_eval_mid", "sft", "chat_eval_sft", "rl",
+          "chat_eval_rl"]
 
 
 def argv(sets: list[str]) -> list[str]:
@@ -67,7 +71,7 @@ def test_resume_command_skips_done_stages_and_resumes_the_interrupted_one(runs, 
     assert "[speedrun] data: skipped, already done" in out
     assert "[speedrun] tokenizer: skipped, already done" in out
     assert "[speedrun] base: interrupted at step 2 of 6: resuming from" in out
-    for stage in ("base", "base_eval", "mid", "sft"):
+    for stage in STAGES[2:]:
         assert f"[speedrun] {stage}: done in" in out
     meta = json.loads((runs / "checkpoints" / "base" / "default" / "step_000006" / "meta.json").read_text())
     assert meta["step"] == meta["num_iterations"] == 6
@@ -115,29 +119,32 @@ def test_report_card(runs, capsys):
     summary = report.split("## Summary")[1].split("##")[0]
     base_eval = json.loads((runs / "report" / "base_eval.json").read_text())
     assert f"| CORE | {base_eval['core_metric']:.4f} | - | - | - |" in summary
-    # chat evaluation has not run: its cells are missing, never zeros
-    assert "| ARC-Easy | - | missing | missing | missing |" in summary
-    assert "| ChatCORE | - | missing | missing | missing |" in summary
-    assert "0.0000" not in summary.replace(f"{base_eval['core_metric']:.4f}", "")
+    # every chat stage was evaluated: its numbers, as chat evaluation wrote them, in its column
+    chat = {s: json.loads((runs / "report" / f"chat_eval_{s}.json").read_text()) for s in ("mid", "sft", "rl")}
+    arc = " | ".join(f"{chat[s]['tasks']['ARC-Easy']['accuracy']:.4f}" for s in ("mid", "sft", "rl"))
+    assert f"| ARC-Easy | - | {arc} |" in summary
+    chatcore = " | ".join(f"{chat[s]['chatcore']:.4f}" for s in ("mid", "sft", "rl"))
+    assert f"| ChatCORE | - | {chatcore} |" in summary
+    assert "| MMLU | - | missing | missing | missing |" in summary   # a task not evaluated is missing, not 0
     for stage in STAGES:
         assert f"| {stage} | " in report   # wall-clock of every stage
-    assert "## RL" in report and "**missing**: no report/rl_train.json" in report
+    assert "## RL" in report
     pngs = ["base_curves.png", "mid_curves.png", "sft_curves.png", "core_tasks.png"]
     for name in pngs:
         assert f"]({name})" in report
         check_png(runs / "report" / name)
 
-    # chat evaluation's output, in the format it writes, appears in the SFT column; MID and RL stay missing
-    tasks = {"ARC-Easy": 0.25, "ARC-Challenge": 0.2, "MMLU": 0.3, "GSM8K": 0.0, "HumanEval": 0.05}
-    chat = {"source": "sft", "tasks": {t: {"accuracy": a, "centered": a} for t, a in tasks.items()}, "chatcore": 0.1}
-    (runs / "report" / "chat_eval_sft.json").write_text(json.dumps(chat))
+    # without RL's outputs its column and section say missing (never zeros), the others stay
+    hidden = [runs / "report" / "chat_eval_rl.json", runs / "report" / "rl_train.json"]
+    for path in hidden:
+        path.rename(path.with_suffix(".hidden"))
     try:
         assert cli_main(["report", "--preset", "demo", *(x for s in SETS for x in ("--set", s))]) == 0
         out, _ = capsys.readouterr()
-        row = next(line.split() for line in out.splitlines() if line.startswith("GSM8K"))
-        assert row == ["GSM8K", "-", "missing", "0.0000", "missing"]   # a measured zero is a zero
-        summary = (runs / "report" / "report.md").read_text().split("## Summary")[1].split("##")[0]
-        assert "| ARC-Easy | - | missing | 0.2500 | missing |" in summary
-        assert "| ChatCORE | - | missing | 0.1000 | missing |" in summary
+        row = next(line.split() for line in out.splitlines() if line.startswith("ARC-Easy"))
+        assert row[-1] == "missing" and row[3] == f"{chat['sft']['tasks']['ARC-Easy']['accuracy']:.4f}"
+        report = (runs / "report" / "report.md").read_text()
+        assert "**missing**: no report/rl_train.json" in report
     finally:
-        (runs / "report" / "chat_eval_sft.json").unlink()
+        for path in hidden:
+            path.with_suffix(".hidden").rename(path)
