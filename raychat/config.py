@@ -311,6 +311,9 @@ class Config:
                 parse_mixture(getattr(self, stage).mixture, f"{stage}.mixture")
             except UserError as error:
                 raise ConfigError(str(error)) from None
+        if self.rl.task not in ("gsm8k", "spelling-bee") and not (self.rl.task.startswith("fixed:")
+                                                                 and self.rl.task[len("fixed:"):].strip()):
+            raise ConfigError(f"rl.task must be gsm8k, spelling-bee or fixed:<word>, got '{self.rl.task}'")
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ConfigError(f"serve.min_replicas ({self.serve.min_replicas}) must be <= serve.max_replicas "
                               f"({self.serve.max_replicas})")

@@ -278,3 +278,10 @@ def test_placement_needs_enough_gpus_and_says_so_before_anything_starts(ray_clus
     assert (split.actor_gpus(), split.learner_gpus()) == (1.0, 1.0)
     assert (colocated.actor_gpus(), colocated.learner_gpus()) == (0.5, 0.5)
     RLStage(load_config("demo", [])).check_placement()   # CPU: nothing to check
+
+
+def test_a_wrong_rl_task_is_refused_by_the_config():
+    from raychat.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="rl.task must be gsm8k, spelling-bee or fixed:<word>, got 'nope'"):
+        load_config("demo", ["rl.task=nope"])
+    assert load_config("demo", ["rl.task=fixed:hi"]).rl.task == "fixed:hi"
