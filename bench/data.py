@@ -13,8 +13,11 @@
    optimizer step, ratio to synthetic (target <= 1.05). The demo's workers also average gradients
    (DeepSpeed over gloo); that cost is the same for every source and left out.
 
-Packing is `concat` for (1) so that every tokenized token is delivered (best-fit would drop the cropped
-tokens, which is a property of the data, not of the stream). Best of --repeats runs for every number.
+(1) turns the token cache off (`data.cache_mb=0`), so that every epoch is tokenized again: it measures the
+chunked Ray Data path that corpora larger than the cache take. Packing is `concat` for (1) so that every
+tokenized token is delivered (best-fit would drop the cropped tokens, which is a property of the data,
+not of the stream). (2) reports wall time and the CPU time of each worker process per step: on a shared
+machine only the latter is stable. Best of --repeats runs for every number.
 """
 from __future__ import annotations
 
@@ -156,7 +159,7 @@ def main() -> int:
     from raychat.data.fineweb import iter_documents, shard_paths
     from raychat.tokenizer import RustBPETokenizer
 
-    cfg = load_config("demo", ["data.packing=concat"])
+    cfg = load_config("demo", ["data.packing=concat", "data.cache_mb=0"])
     docs = list(iter_documents(shard_paths(cfg, "train")))
     t0 = time.perf_counter()
     tokenizer = RustBPETokenizer.train_from_iterator((d[:10_000] for d in docs[:600]), cfg.tokenizer.vocab_size)
