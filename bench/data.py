@@ -6,12 +6,18 @@
    (2 Ray actors, ranks 0 and 1 of 2, as the train workers are), reading 6 epochs of the train shards,
    vs the raw tiktoken encode rate on the same documents in one process (`tokenizer.encode(docs)`, the
    tokenizer's own threads). The plain iterator (use_ray=False) in the same 2 actors is shown too.
-2. Does data stall training: time per optimizer step of the shared train step (raychat/train/step.py,
-   TorchBackend) at the demo config, fed by the real stream vs by synthetic in-memory batches
-   (ratio; target <= 1.05).
+2. Does data stall training, in the configuration the demo runs: 2 train workers (2 Ray actors of 0.5 CPU,
+   1 torch thread each, ranks 0 and 1 of 2) on the same cores, each running the shared train step
+   (raychat/train/step.py, TorchBackend, the demo's depth and micro-batches) fed by synthetic in-memory
+   batches, by the plain iterator, or by the Ray Data stream (tokenizing in Ray Data tasks); time per
+   optimizer step, ratio to synthetic (target <= 1.05). The demo's workers also average gradients
+   (DeepSpeed over gloo); that cost is the same for every source and left out.
 
-Packing is `concat` for (1) so that every tokenized token is delivered (best-fit would drop the cropped
-tokens, which is a property of the data, not of the stream). Best of --repeats runs for every number.
+(1) turns the token cache off (`data.cache_mb=0`), so that every epoch is tokenized again: it measures the
+chunked Ray Data path that corpora larger than the cache take. Packing is `concat` for (1) so that every
+tokenized token is delivered (best-fit would drop the cropped tokens, which is a property of the data,
+not of the stream). (2) reports wall time and the CPU time of each worker process per step: on a shared
+machine only the latter is stable. Best of --repeats runs for every number.
 """
 from __future__ import annotations
 
@@ -79,40 +85,62 @@ def encode_rate(tokenizer, docs) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def step_time(cfg, tokenizer, source: str, steps: int) -> float:
-    """Mean seconds per optimizer step (after 2 warm-up steps) with batches from `source`."""
-    from raychat.data.pretrain import PretrainStream
-    from raychat.model import GPTConfig, build_model
-    from raychat.train.backend import TorchBackend
-    from raychat.train.base import plan_horizon
-    from raychat.train.step import Schedule, train_step
+@ray.remote(num_cpus=0.5)
+class Trainer:
+    """Stands in for a demo train worker: 1 torch thread, the demo's model and micro-batches, this rank's data."""
 
-    tc = cfg.pretrain
-    torch.manual_seed(0)
-    model = build_model(GPTConfig(depth=tc.depth, vocab_size=tokenizer.get_vocab_size(),
-                                  sequence_len=tc.max_seq_len), "cpu")
-    backend = TorchBackend(model, tc, "cpu", "fp32")
-    horizon = plan_horizon(tc, 1)
-    schedule = Schedule(steps + 2, tc.warmup_ratio, tc.warmdown_ratio, tc.final_lr_frac)
-    stream = None
-    if source == "synthetic":
-        g = torch.Generator().manual_seed(0)
-        rows = [torch.randint(0, tokenizer.get_vocab_size(), (tc.device_batch_size, tc.sequence_len + 1),
-                              generator=g) for _ in range(horizon.grad_accum_steps)]
-        batches = itertools.cycle([(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows])
-    else:
-        stream = PretrainStream(cfg, tokenizer, "train", tc.device_batch_size, tc.sequence_len,
-                                use_ray=source == "ray")
-        batches = iter(stream)
-    for step in range(2):
-        train_step(backend, batches, step, schedule, horizon.grad_accum_steps)
-    t0 = time.perf_counter()
-    for step in range(2, steps + 2):
-        train_step(backend, batches, step, schedule, horizon.grad_accum_steps)
-    seconds = (time.perf_counter() - t0) / steps
-    if stream is not None:
-        stream.close()
-    return seconds
+    def step_time(self, cfg_dict, tokenizer, source: str, steps: int, rank: int, world: int) -> tuple[float, float]:
+        """Mean (wall, CPU of this whole process) seconds per optimizer step (after 2 warm-up steps) with
+        batches from `source`. The CPU time counts the stream's threads too (packing, Ray Data's executor)
+        and does not depend on what else runs on a shared machine."""
+        from raychat.config import Config
+        from raychat.data.pretrain import PretrainStream
+        from raychat.model import GPTConfig, build_model
+        from raychat.train.backend import TorchBackend
+        from raychat.train.base import plan_horizon
+        from raychat.train.step import Schedule, train_step
+
+        torch.set_num_threads(1)
+        cfg = Config.from_dict(cfg_dict)
+        tc = cfg.pretrain
+        torch.manual_seed(0)
+        model = build_model(GPTConfig(depth=tc.depth, vocab_size=tokenizer.get_vocab_size(),
+                                      sequence_len=tc.max_seq_len), "cpu")
+        backend = TorchBackend(model, tc, "cpu", "fp32")
+        horizon = plan_horizon(tc, world)
+        schedule = Schedule(steps + 2, tc.warmup_ratio, tc.warmdown_ratio, tc.final_lr_frac)
+        stream = None
+        if source == "synthetic":
+            g = torch.Generator().manual_seed(rank)
+            rows = [torch.randint(0, tokenizer.get_vocab_size(), (tc.device_batch_size, tc.sequence_len + 1),
+                                  generator=g) for _ in range(horizon.grad_accum_steps)]
+            batches = itertools.cycle([(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows])
+        else:
+            stream = PretrainStream(cfg, tokenizer, "train", tc.device_batch_size, tc.sequence_len, rank=rank,
+                                    world_size=world, use_ray=source == "ray")
+            batches = iter(stream)
+        for step in range(2):
+            train_step(backend, batches, step, schedule, horizon.grad_accum_steps)
+        waited = stream.stats()["wait_s"] if stream is not None else 0.0
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for step in range(2, steps + 2):
+            train_step(backend, batches, step, schedule, horizon.grad_accum_steps)
+        seconds, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - cpu0) / steps
+        if stream is not None:
+            print(f"rank {rank} {source}: waited for data {1000 * (stream.stats()['wait_s'] - waited) / steps:.1f} "
+                  f"ms/step", flush=True)
+            stream.close()
+        return seconds, cpu
+
+
+def step_time(cfg, tokenizer, source: str, steps: int) -> tuple[float, float]:
+    """Mean (wall, process CPU) seconds per optimizer step of 2 workers training side by side."""
+    trainers = [Trainer.remote() for _ in range(2)]
+    times = ray.get([t.step_time.remote(cfg.to_dict(), tokenizer, source, steps, rank, 2)
+                     for rank, t in enumerate(trainers)])
+    for t in trainers:
+        ray.kill(t)
+    return sum(w for w, _ in times) / len(times), sum(c for _, c in times) / len(times)
 
 
 def main() -> int:
@@ -131,7 +159,7 @@ def main() -> int:
     from raychat.data.fineweb import iter_documents, shard_paths
     from raychat.tokenizer import RustBPETokenizer
 
-    cfg = load_config("demo", ["data.packing=concat"])
+    cfg = load_config("demo", ["data.packing=concat", "data.cache_mb=0"])
     docs = list(iter_documents(shard_paths(cfg, "train")))
     t0 = time.perf_counter()
     tokenizer = RustBPETokenizer.train_from_iterator((d[:10_000] for d in docs[:600]), cfg.tokenizer.vocab_size)
@@ -163,21 +191,22 @@ def main() -> int:
     init_ray(num_cpus=4)   # a fresh Ray: part 1's actors and worker pool must not weigh on part 2
 
     # ---------------------------------------------------------------- 2. step time
+    cfg = load_config("demo")   # the demo's own data settings (packing, cache, tasks, buffer)
     tc = cfg.pretrain
-    print(f"\n== 2. step time at the demo config: depth {tc.depth}, {tc.device_batch_size}x{tc.sequence_len} "
-          f"micro-batches, {tc.total_batch_size} tokens/step, 1 process, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats} x {args.steps} steps")
+    print(f"\n== 2. step time in the demo configuration: 2 workers x 1 thread, depth {tc.depth}, "
+          f"{tc.device_batch_size}x{tc.sequence_len} micro-batches, {tc.total_batch_size} tokens/step, "
+          f"packing {cfg.data.packing}, best of {args.repeats} x {args.steps} steps", flush=True)
     times = {"synthetic": [], "plain": [], "ray": []}
-    for packing in ("concat", "bos_bestfit"):
-        cfg.data.packing = packing
-        times = {"synthetic": [], "plain": [], "ray": []}
-        for i in range(args.repeats):
-            for source in times:
-                times[source].append(step_time(cfg, tokenizer, source, args.steps))
-        best = {k: min(v) for k, v in times.items()}
-        print(f"packing {packing:12s} synthetic {best['synthetic'] * 1000:7.1f} ms/step | "
-              f"real stream (plain) {best['plain'] * 1000:7.1f} ms/step, ratio {best['plain'] / best['synthetic']:.3f} | "
-              f"real stream (Ray Data) {best['ray'] * 1000:7.1f} ms/step, ratio {best['ray'] / best['synthetic']:.3f}"
+    for i in range(args.repeats):   # interleaved: a busy spell on a shared machine hits every source
+        for source in times:
+            times[source].append(step_time(cfg, tokenizer, source, args.steps))
+        print(f"repeat {i}: " + " | ".join(f"{k} {v[-1][0] * 1000:.1f} ms/step (CPU {v[-1][1] * 1000:.1f} ms)"
+                                           for k, v in times.items()), flush=True)
+    for index, what in ((0, "wall"), (1, "process CPU")):
+        best = {k: min(t[index] for t in v) for k, v in times.items()}
+        print(f"{what:11s}: synthetic {best['synthetic'] * 1000:7.1f} ms/step | real stream (plain) "
+              f"{best['plain'] * 1000:7.1f} ms/step, ratio {best['plain'] / best['synthetic']:.3f} | real stream "
+              f"(Ray Data) {best['ray'] * 1000:7.1f} ms/step, ratio {best['ray'] / best['synthetic']:.3f}"
               f"  (target <= 1.05)", flush=True)
     ray.shutdown()
     return 0

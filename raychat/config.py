@@ -67,6 +67,8 @@ class DataConfig:
     prefetch_batches: int = opt(2, min=1, max=64, help="packed batches prepared ahead of the training step")
     tasks_per_rank: int = opt(4, min=1, max=256, help="concurrent Ray Data read+tokenize tasks per rank")
     buffer_mb: int = opt(256, min=1, help="tokenized data each rank's Ray Data pipeline may hold ahead (MiB)")
+    cache_mb: int = opt(64, min=0, help="a rank's share of the train/val text up to this size (MiB) is tokenized "
+                                        "once and its tokens kept for every epoch; 0 = tokenize every epoch")
     ray_data: bool = opt(True, help="Ray trainer: read+tokenize in Ray Data tasks; false = in a thread of each "
                                     "training worker (the bare trainer always does)")
 

@@ -202,7 +202,9 @@ class Batch:
             # a slot's generator is only advanced when it samples: its output depends on its seed alone
             uniforms = [torch.rand((), generator=s.generator).item() if s.temperature > 0 else 0.0
                         for s in samplers]
-            tokens = sample_tokens(self._logits[rows], [s.temperature for s in samplers],
+            # every row samples (no tool output forced): a view of the logits, not a (rows, vocab) gather
+            logits = self._logits[:len(rows)] if len(rows) == len(self._rows) else self._logits[rows]
+            tokens = sample_tokens(logits, [s.temperature for s in samplers],
                                    [s.top_k for s in samplers], [s.top_p for s in samplers], uniforms)
             sampled = {s.id: t for s, t in zip(samplers, tokens)}
         events, finished_rows = [], []

@@ -176,18 +176,24 @@ def test_cursor_mismatches_are_refused(cfg, tokenizer):
 
 @pytest.mark.parametrize("packing", ["concat", "bos_bestfit"])
 def test_ray_data_stream_equals_plain_iterator(cfg, tokenizer, ray_cluster, packing):
-    """The Ray Data pipeline yields the same batches as the plain iterator, also across an epoch boundary
-    and when rebuilt from a cursor."""
-    cfg.data.packing = packing
+    """Every data path yields the batches of the plain iterator that tokenizes every epoch again (the
+    reference): the plain iterator and the Ray Data stream serving a small share from its tokens cached
+    once, and the Ray Data stream tokenizing in chunks; also across an epoch boundary, across Ray Data
+    chunks (8 work items of 4 documents with 1 task; an epoch of this share is 10), and when rebuilt
+    from a cursor."""
+    cfg.data.packing, cfg.data.tasks_per_rank, cfg.data.cache_mb = packing, 1, 0
     with PretrainStream(cfg, tokenizer, "train", B, T, rank=1, world_size=2, use_ray=False) as plain:
         reference, cursors = run(plain, 40)
     assert cursors[-1]["epoch"] >= 1
-    with PretrainStream(cfg, tokenizer, "train", B, T, rank=1, world_size=2, use_ray=True) as ray_stream:
-        assert run(ray_stream, 40) == (reference, cursors)
     k = next(i for i, c in enumerate(cursors) if c["epoch"] == 1) - 2   # resume just before the boundary
-    with PretrainStream(cfg, tokenizer, "train", B, T, rank=1, world_size=2, cursor=cursors[k],
-                        use_ray=True) as resumed:
-        assert run(resumed, 6) == (reference[k + 1:k + 7], cursors[k + 1:k + 7])
+    for use_ray, cache_mb in ((False, 64), (True, 64), (True, 0)):
+        cfg.data.cache_mb = cache_mb
+        with PretrainStream(cfg, tokenizer, "train", B, T, rank=1, world_size=2, use_ray=use_ray) as stream:
+            assert run(stream, 40) == (reference, cursors), (use_ray, cache_mb)
+        if use_ray:
+            with PretrainStream(cfg, tokenizer, "train", B, T, rank=1, world_size=2, cursor=cursors[k],
+                                use_ray=True) as resumed:
+                assert run(resumed, 6) == (reference[k + 1:k + 7], cursors[k + 1:k + 7]), cache_mb
 
 
 def test_process_exits_cleanly_with_a_stream_still_producing(cfg, tokenizer, small_corpus, tmp_path):
