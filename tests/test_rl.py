@@ -4,6 +4,7 @@ Train learning a toy task, on-policy and one version stale, with a learner worke
 """
 import math
 import threading
+import time
 
 import pytest
 import ray
@@ -126,8 +127,8 @@ def test_actor_weights_versions_and_log_probs_agree_with_the_learner(ray_cluster
 def test_a_killed_actor_is_replaced_with_the_latest_weights_and_every_question_is_answered_once(
         ray_cluster, tokenizer, policy):
     from raychat.pool import ModelPool
-    questions = list(range(8))
-    chunks = [chunk(tokenizer, [i], min_version=3, max_tokens=24) for i in questions]
+    questions = list(range(16))
+    chunks = [chunk(tokenizer, [i], min_version=3, max_tokens=48) for i in questions]
     state = ray.put({k: v.clone() for k, v in policy.state_dict().items()})
     with ModelPool(RolloutWorker, policy, tokenizer, 2, False, "gsm8k") as pool:
         pool.call_all("set_weights", 3, state)
@@ -136,10 +137,12 @@ def test_a_killed_actor_is_replaced_with_the_latest_weights_and_every_question_i
         # refused as stale
         pool.on_replace = lambda actor: actor.set_weights.remote(3, state)
         victim = pool.actors[1]
-        killer = threading.Timer(1.0, lambda: ray.kill(victim))
+        killer = threading.Timer(0.5, lambda: ray.kill(victim))
+        started = time.monotonic()
         killer.start()
         got = pool.map("rollout", chunks)
         killer.join()
+        assert time.monotonic() - started > 0.5, "the work ended before the actor was killed: nothing was tested"
         assert pool.restarts == 1
     assert [r["samples"][0]["question"] for r in got] == questions
     assert [[s["ids"] for s in r["samples"]] for r in got] == [[s["ids"] for s in r["samples"]] for r in expected]
