@@ -53,8 +53,6 @@ def best(fn, repeats):
 
 
 def rollout_throughput(tokenizer, repeats: int) -> None:
-    import ray
-
     from raychat.model import GPTConfig, build_model
     from raychat.pool import ModelPool
     from raychat.rl.rollout import RolloutWorker
@@ -71,7 +69,7 @@ def rollout_throughput(tokenizer, repeats: int) -> None:
     rates = {}
     for actors in (1, 2):
         with ModelPool(RolloutWorker, model.eval(), tokenizer, actors, False, "gsm8k") as pool:
-            ray.get([a.ping.remote() for a in pool.actors])
+            pool.call_all("ping")   # every actor has loaded its model before the clock starts
             pool.map("rollout", chunks[:actors])   # warm-up
             seconds, results = best(lambda: pool.map("rollout", chunks), repeats)
         tokens = sum(r["tokens"] for r in results)

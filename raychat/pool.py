@@ -15,7 +15,6 @@ classes deriving from `ModelWorker`; the pool makes them Ray actors.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from typing import Any, Sequence
 
@@ -70,7 +69,7 @@ class ModelPool:
         options = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if use_gpu else {})}
         self._remote_cls = ray.remote(worker_cls).options(**options)
         # one copy in the object store; every actor (and every replacement) is built from it
-        self._init_args = (ray.put(model.cpu() if hasattr(model, "cpu") else model), ray.put(tokenizer),
+        self._init_args = (ray.put(model.cpu()), ray.put(tokenizer),
                            use_gpu, *args)
         self.max_restarts = max_restarts
         self.restarts = 0
@@ -127,17 +126,12 @@ class ModelPool:
         return results
 
     def call_all(self, method: str, *args) -> list:
-        """`actor.<method>(*args)` on every actor (e.g. new weights), replacing any that died; results in
-        actor order."""
-        return self.map_actors(method, [args] * len(self.actors))
-
-    def map_actors(self, method: str, per_actor_args: Sequence[tuple]) -> list:
-        """`actor_i.<method>(*per_actor_args[i])`, all at once; an actor that died is replaced and its call
-        made again on the replacement."""
+        """`actor.<method>(*args)` on every actor at once (e.g. new weights); an actor that died is replaced
+        and the call made again on the replacement. Results in actor order."""
         results: list[Any] = [None] * len(self.actors)
         pending = list(range(len(self.actors)))
         while pending:
-            refs = {getattr(self.actors[i], method).remote(*per_actor_args[i]): i for i in pending}
+            refs = {getattr(self.actors[i], method).remote(*args): i for i in pending}
             pending = []
             for ref, i in refs.items():
                 try:
@@ -154,12 +148,3 @@ class ModelPool:
             except Exception:  # already gone
                 pass
         self.actors = []
-
-
-def wait_until_ready(pool: ModelPool, timeout_s: float = 300) -> float:
-    """Block until every actor has loaded its model; returns the seconds it took (startup is logged apart
-    from the work so timings of the work mean something)."""
-    started = time.perf_counter()
-    refs = [actor.ping.remote() for actor in pool.actors]
-    ray.get(refs, timeout=timeout_s)
-    return time.perf_counter() - started
