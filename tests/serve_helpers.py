@@ -50,6 +50,21 @@ def save_checkpoint(tokenizer, base: Path) -> Path:
     return base
 
 
+def service_stats(url: str, headers: dict | None = None) -> dict:
+    import httpx
+    return httpx.get(f"{url}/stats", headers=headers, timeout=10).json()
+
+
+def wait_idle(url: str, timeout: float = 10.0, headers: dict | None = None) -> dict:
+    """The service's /stats once nothing is decoding or queued (or at the timeout, whichever comes first)."""
+    deadline = time.time() + timeout
+    while True:
+        s = service_stats(url, headers)
+        if (s["active_sequences"] == 0 and s["queued_sequences"] == 0) or time.time() > deadline:
+            return s
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,13 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from serve_helpers import CHROMIUM_FLAGS, free_port, save_checkpoint
+from serve_helpers import CHROMIUM_FLAGS, free_port, save_checkpoint, wait_idle
+from serve_helpers import service_stats as stats
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
@@ -40,19 +40,6 @@ def url(ray_cluster, base_dir):
     serve.run(app, name="raychat", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-
-
-def stats(url) -> dict:
-    return httpx.get(f"{url}/stats", timeout=10).json()
-
-
-def wait_idle(url, timeout=10.0) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        s = stats(url)
-        if (s["active_sequences"] == 0 and s["queued_sequences"] == 0) or time.time() > deadline:
-            return s
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------- the API

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from serve_helpers import service_stats, wait_idle as wait_for_idle
 from serve_helpers import (CHROMIUM_FLAGS, FAIL_PREFILL, FAIL_STEP, KILL_SCHEDULER, SLOW_PREFILL, SLOW_TOKENIZE,
                            free_port, instrumented_app, save_checkpoint)
 
@@ -68,16 +69,11 @@ def client(url):
 
 
 def stats(url) -> dict:
-    return httpx.get(f"{url}/stats", headers=AUTH, timeout=10).json()
+    return service_stats(url, AUTH)
 
 
 def wait_idle(url, timeout=15.0) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        s = stats(url)
-        if (s["active_sequences"] == 0 and s["queued_sequences"] == 0) or time.time() > deadline:
-            return s
-        time.sleep(0.05)
+    return wait_for_idle(url, timeout, AUTH)
 
 
 def chat(content: str = "hello", **options) -> dict:
