@@ -35,6 +35,7 @@ from raychat.common import UserError, atomic_write, get_logger, init_ray, report
 from raychat.engine import Engine, derive_seed
 from raychat.model import LOGIT_SOFTCAP, autocast_context
 from raychat.pool import ModelPool, ModelWorker, chunked
+from raychat.train.step import pad_rows
 
 log = get_logger()
 
@@ -127,11 +128,9 @@ class ChatEvalWorker(ModelWorker):
 
 def choose_letters(model, tokenizer, problems: list[dict], device: str) -> list[str]:
     """For each problem, the letter among its choices with the highest logit right after its prompt.
-    One padded forward pass: causal attention means the padding after a prompt changes nothing before it."""
+    One padded forward pass (`pad_rows`)."""
     lengths = [len(p["prompt"]) for p in problems]
-    ids = torch.zeros((len(problems), max(lengths)), dtype=torch.long)
-    for row, p in enumerate(problems):
-        ids[row, :lengths[row]] = torch.tensor(p["prompt"])
+    ids = pad_rows([p["prompt"] for p in problems], 0)
     hidden = model.hidden_states(ids.to(device), None)
     last = hidden[torch.arange(len(problems)), torch.tensor(lengths) - 1]
     logits = model.lm_head(last).float()

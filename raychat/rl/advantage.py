@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from raychat.train.step import Batch
+from raychat.train.step import Batch, pad_rows
 
 ADVANTAGES = ("mean", "grpo")
 STD_EPS = 1e-4
@@ -57,21 +57,8 @@ def micro_batches(rows: list[tuple], rows_per_batch: int) -> list[Batch]:
     """Rows padded to the longest of each micro-batch (padding: token 0, no target, weight 0)."""
     batches = []
     for start in range(0, len(rows), rows_per_batch):
-        part = rows[start:start + rows_per_batch]
-        width = max(len(row[0]) for row in part)
-        inputs = torch.zeros((len(part), width), dtype=torch.long)
-        targets = torch.full((len(part), width), -1, dtype=torch.long)
-        weights = torch.zeros((len(part), width), dtype=torch.float32)
-        old = torch.zeros((len(part), width), dtype=torch.float32)
-        ref = torch.zeros((len(part), width), dtype=torch.float32)
-        for row, (i, t, w, old_lp, ref_lp) in enumerate(part):
-            inputs[row, :len(i)] = torch.tensor(i)
-            targets[row, :len(t)] = torch.tensor(t)
-            weights[row, :len(w)] = torch.tensor(w)
-            if old_lp is not None:
-                old[row, :len(old_lp)] = torch.tensor(old_lp)
-            if ref_lp is not None:
-                ref[row, :len(ref_lp)] = torch.tensor(ref_lp)
-        has_old, has_ref = all(r[3] is not None for r in part), all(r[4] is not None for r in part)
-        batches.append(Batch(inputs, targets, weights, old if has_old else None, ref if has_ref else None))
+        inputs, targets, weights, old, ref = zip(*rows[start:start + rows_per_batch])
+        batches.append(Batch(pad_rows(inputs, 0), pad_rows(targets, -1), pad_rows(weights, 0.0, torch.float32),
+                             None if None in old else pad_rows(old, 0.0, torch.float32),
+                             None if None in ref else pad_rows(ref, 0.0, torch.float32)))
     return batches

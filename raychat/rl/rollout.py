@@ -26,6 +26,7 @@ import torch
 from raychat.engine import Engine, derive_seed
 from raychat.model import autocast_context
 from raychat.pool import ModelWorker
+from raychat.train.step import pad_rows
 
 
 class StaleWeights(RuntimeError):
@@ -46,12 +47,7 @@ def token_logprobs(model, sequences: list[list[int]], device: str) -> list[list[
     path (softcapped logits, chunked cross-entropy): logprob = -loss."""
     if not sequences:
         return []
-    width = max(len(s) for s in sequences) - 1
-    inputs = torch.zeros((len(sequences), width), dtype=torch.long)
-    targets = torch.full((len(sequences), width), -1, dtype=torch.long)
-    for row, s in enumerate(sequences):
-        inputs[row, :len(s) - 1] = torch.tensor(s[:-1])
-        targets[row, :len(s) - 1] = torch.tensor(s[1:])
+    inputs, targets = pad_rows([s[:-1] for s in sequences], 0), pad_rows([s[1:] for s in sequences], -1)
     losses = model(inputs.to(device), targets.to(device), loss_reduction="none").float().cpu()
     return [(-losses[row, :len(s) - 1]).tolist() for row, s in enumerate(sequences)]
 

@@ -46,6 +46,15 @@ class Batch:
         return item if isinstance(item, Batch) else cls(*item)
 
 
+def pad_rows(rows: list[list], fill: float, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Rows of different lengths as one (len(rows), longest) tensor, padded on the right with `fill`
+    (causal attention: padding after a row's tokens changes nothing before it)."""
+    out = torch.full((len(rows), max(len(row) for row in rows)), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
 def token_loss_sum(model: Callable, batch: Batch) -> torch.Tensor:
     """The default loss: the sum of the (weighted) cross-entropies of the batch's supervised tokens.
     A stage's loss function has this signature: `model` is the callable the backend trains (compiled,
