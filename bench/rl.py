@@ -6,11 +6,11 @@
    samples 4 replies of 64 tokens to each of 16 GSM8K questions through the model pool (raychat/pool.py)
    with 1 and then 2 rollout actors; prints reply tokens/s and the 2-actor / 1-actor ratio (2 cores: the
    most it can be is ~2x).
-2. Weight sync: the state dict of a depth-`--sync-depth` GPT (d20 = 561 M parameters, fp32) published as
-   RL does it: one `ray.put`, then an actor fetches it and loads it into its own copy. Prints seconds for
-   the put, for the fetch + load, and in total (the target for d20 is < 1 s over NCCL on GPUs; on CPU the
-   object store copies the bytes twice). The baseline printed beside it is a plain in-process
-   `load_state_dict` of the same tensors: the sync's overhead over a copy it cannot avoid.
+2. Weight sync: the weights of a depth-`--sync-depth` GPT (d20 = 561 M parameters, fp32) published to one
+   rollout actor as RL does it (raychat/rl/weight_sync.py), both ways: through the object store (one
+   `ray.put`, the actor fetches and loads it) and by a gloo broadcast straight into the actor's
+   parameters. Prints seconds for each (the issue's target for d20 is < 1 s, over NCCL on GPUs) and the
+   baseline beside them: a plain in-process `load_state_dict` of the same tensors, a copy no sync avoids.
 3. Step time, `rl.max_staleness` 0 vs 1: `raychat train rl` on Ray Train (2 learner workers, 2 rollout
    actors, a depth-2 random "SFT" model, the toy task, 8 questions x 4 replies of 32 tokens per step,
    12 steps); per step: wall time, the learner's waiting for rollouts, the weight sync. Prints the
@@ -78,46 +78,34 @@ def rollout_throughput(tokenizer, repeats: int) -> None:
     print(f"rollout scaling 2 actors / 1 actor: {rates[2] / rates[1]:.2f}x")
 
 
-class SyncTarget:
-    """Holds a model of the benchmark's shape; loads what it is sent."""
-
-    def __init__(self, depth: int):
-        from raychat.model import GPTConfig, build_model
-        self.model = build_model(GPTConfig(depth=depth, vocab_size=65536), init=False)
-
-    def load(self, state: dict) -> float:
-        started = time.perf_counter()
-        self.model.load_state_dict(state)
-        return time.perf_counter() - started
-
-
-def weight_sync(depth: int, repeats: int) -> None:
-    import ray
+def weight_sync(tokenizer, depth: int, repeats: int) -> None:
+    import tempfile
+    from pathlib import Path
 
     from raychat.model import GPTConfig, build_model
+    from raychat.pool import ModelPool
+    from raychat.rl.rollout import RolloutWorker
+    from raychat.rl.weight_sync import WeightPublisher
     learner = build_model(GPTConfig(depth=depth, vocab_size=65536), init=False)
     state = {k: v.detach() for k, v in learner.state_dict().items()}
     size = sum(v.numel() * v.element_size() for v in state.values())
-    target = ray.remote(SyncTarget).options(num_cpus=1).remote(depth)
-
-    def sync():
-        started = time.perf_counter()
-        ref = ray.put(state)
-        put = time.perf_counter() - started
-        ray.get(target.load.remote(ref))
-        total = time.perf_counter() - started
-        del ref
-        return put, total
-
-    ray.get(target.load.remote(ray.put(state)))   # warm-up: the actor's first load
-    results = [sync() for _ in range(repeats)]
-    put, total = min(results, key=lambda r: r[1])
     copy = build_model(GPTConfig(depth=depth, vocab_size=65536), init=False)
     baseline, _ = best(lambda: copy.load_state_dict(state), repeats)
+    del copy
+    times = {}
+    with ModelPool(RolloutWorker, learner, tokenizer, 1, False, "gsm8k") as pool:
+        for method in ("object_store", "broadcast"):
+            publisher = WeightPublisher(method, pool, Path(tempfile.mkdtemp(prefix="raychat_sync_")), "cpu")
+            publisher.publish(learner, 1)   # warm-up: the actor's first load; the broadcast forms its group
+            runs = [publisher.publish(learner, version) for version in range(2, 2 + repeats)]
+            assert all(r["sync_fallbacks"] == 0 for r in runs)
+            times[method] = min(r["sync_s"] for r in runs)
+            publisher.close()
     print(f"weight sync d{depth} ({sum(v.numel() for v in state.values()) / 1e6:.0f} M params, {size / 2**30:.2f} GiB "
-          f"fp32): put {put:.2f} s, fetch + load {total - put:.2f} s, total {total:.2f} s; in-process "
-          f"load_state_dict {baseline:.2f} s; ratio {total / baseline:.1f}x")
-    ray.kill(target)
+          f"fp32) to 1 rollout actor: object store (put, fetch, load) {times['object_store']:.2f} s; gloo broadcast "
+          f"into the actor's parameters {times['broadcast']:.2f} s; in-process load_state_dict {baseline:.2f} s; "
+          f"broadcast / object store {times['broadcast'] / times['object_store']:.2f}x, broadcast / copy "
+          f"{times['broadcast'] / baseline:.1f}x")
 
 
 def step_split(tokenizer) -> None:
@@ -172,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(1)
     tokenizer = demo_tokenizer()
     rollout_throughput(tokenizer, args.repeats)
-    weight_sync(args.sync_depth, args.repeats)
+    weight_sync(tokenizer, args.sync_depth, args.repeats)
     step_split(tokenizer)
 
 

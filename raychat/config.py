@@ -169,9 +169,13 @@ class RLConfig(TrainConfig):
     max_new_tokens: int = opt(256, min=1, max=4096)
     temperature: float = opt(1.0, min=0.0, max=2.0)
     top_k: int = opt(50, min=0, max=100_000, help="0 = no top-k")
-    advantage: str = opt("mean", choices=("mean", "grpo"), help="reward - group mean; grpo: also / group std")
+    advantage: str = opt("mean", choices=("mean", "grpo", "drgrpo"), help="reward - group mean; grpo: also / group "
+                         "std; drgrpo: the loss / (replies x max_new_tokens) instead of / sampled tokens")
     max_staleness: int = opt(0, min=0, max=1, help="weight versions a rollout may lag the learner: 0 = on-policy; "
                                                    "1 = step k+1 is generated while step k is learned")
+    weight_sync: str = opt("auto", choices=("auto", "broadcast", "object_store"), help="new weights to the actors: "
+                           "broadcast = a process group of each learner and its actors (NCCL on GPUs, gloo on "
+                           "CPUs); auto = broadcast unless actors share the learners' GPUs")
     ppo_epochs: int = opt(1, min=1, max=16, help="updates per batch of rollouts (> 1: PPO's clipped ratio)")
     clip_eps: float = opt(0.2, min=0.0, max=1.0, help="PPO ratio clipping, when ppo_epochs > 1")
     kl_coef: float = opt(0.0, min=0.0, max=10.0, help="KL penalty to the starting (SFT) policy; 0 = none (nanochat)")

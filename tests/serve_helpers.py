@@ -32,7 +32,10 @@ KILL_SCHEDULER = "KILLSCHEDULER"  # the same `kill_after_steps` steps after it, 
 
 
 def tiny_model(tokenizer, depth: int = 2, sequence_len: int = 256, seed: int = 0):
-    model = build_model(GPTConfig(depth=depth, vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len))
+    """A random model that depends on `seed` only (not on what ran before it in the session)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(GPTConfig(depth=depth, vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

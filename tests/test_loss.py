@@ -144,6 +144,21 @@ def test_loss_is_the_mean_over_supervised_tokens_of_the_step():
     assert train_step(backend, iter(batches), 0, Schedule(10), 2).loss == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_stage_normaliser_divides_the_step_instead_of_the_supervised_tokens():
+    """RL's Dr. GRPO divides by a constant per row: the loss and the gradient are those of sum / constant."""
+    inputs, targets, _ = _rows()
+    model, backend = _backend()
+    per_row = lambda batches: 25.0 * sum(b.inputs.shape[0] for b in batches)   # 8 rows -> 200
+    batches = [Batch(i, t) for i, t in zip(inputs.chunk(2), targets.chunk(2))]
+    result = train_step(backend, iter(batches), 0, Schedule(10), 2, normalizer=per_row)
+    reference, _ = _backend()
+    loss = reference(inputs, targets, loss_reduction="sum") / 200.0
+    loss.backward()
+    norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in reference.parameters()))
+    assert result.loss == pytest.approx(loss.item(), rel=1e-6) and result.supervised == int((targets >= 0).sum())
+    assert result.grad_norm == pytest.approx(norm, rel=1e-5)
+
+
 def test_micro_batch_without_targets_adds_nothing():
     """Appending an all-masked micro-batch changes neither the loss nor the update."""
     inputs, targets, _ = _rows()

@@ -88,6 +88,19 @@ def test_the_policy_gradient_loss_is_the_advantage_weighted_mean_of_minus_log_p(
     assert float(loss.detach()) == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_dr_grpo_keeps_the_mean_baseline_and_divides_by_replies_times_the_token_budget(tokenizer):
+    from raychat.config import load_config
+    from raychat.rl.stage import RLStage
+    assert group_advantages([1, 0, 0, 1], "drgrpo") == [0.5, -0.5, -0.5, 0.5]
+    stage = RLStage(load_config("demo", ["rl.advantage=drgrpo", "rl.max_new_tokens=10"]))
+    samples = [{"ids": [5, 6, 7, 8], "mask": [0, 1, 1, 1], "reward": 1.0, "reply_tokens": 3, "tool_calls": 0},
+               {"ids": [5, 9, 10], "mask": [0, 1, 1], "reward": 0.0, "reply_tokens": 2, "tool_calls": 0}]
+    rows, _ = sample_rows(samples, num_samples=2, kind="drgrpo")
+    batches = micro_batches(rows, rows_per_batch=1)
+    assert stage.loss_normalizer(batches) == 2 * 10   # 2 replies of at most 10 tokens, however long they are
+    assert RLStage(load_config("demo")).loss_normalizer(batches) == 5   # mean: the 5 sampled tokens
+
+
 # ------------------------------------------------------------------------------- actors and the learner
 
 @pytest.fixture(scope="module")
@@ -161,21 +174,22 @@ def first_token_chance(model, tokenizer, word: str) -> float:
 
 
 def toy_word(model, tokenizer) -> str:
-    """A word the untrained model starts its reply with now and then (3-8 of 64 sampled replies, drawn by
-    a rollout worker as the RL run will): learnable, and far from learnt."""
+    """A word the untrained model starts its reply with now and then (2-5 of 64 sampled replies, drawn by
+    a rollout worker as the RL run will): learnable, and far from learnt (a first step's 32 replies reach
+    the test's 0.2 by chance in ~2 % of draws at 5/64)."""
     words = sorted({tokenizer.decode([i]).strip() for i in range(256, tokenizer.get_vocab_size())
                     if tokenizer.decode([i]).strip().isalpha() and len(tokenizer.decode([i]).strip()) >= 3})
     chances = sorted(((first_token_chance(model, tokenizer, w), w) for w in words), reverse=True)
-    for chance, word in [(c, w) for c, w in chances if 0.03 <= c <= 0.2][:10]:
+    for chance, word in [(c, w) for c, w in chances if 0.02 <= c <= 0.12][:10]:
         worker = RolloutWorker(model, tokenizer, False, f"fixed:{word}")
         task = build_rl_task(f"fixed:{word}")
         question = {"index": 0, "prompt": tokenizer.render_for_completion(task.question(0)),
                     "conversation": task.question(0)}
         result = worker.rollout({"questions": [question], "num_samples": 64, "max_tokens": 3, "temperature": 1.0,
                                  "top_k": 50, "seed": 99, "min_version": 0})
-        if 3 <= sum(s["reward"] for s in result["samples"]) <= 8:
+        if 2 <= sum(s["reward"] for s in result["samples"]) <= 5:
             return word
-    raise AssertionError("no word that 3-8 of 64 replies start with")
+    raise AssertionError("no word that 2-5 of 64 replies start with")
 
 
 def rewards_logged(base, run: str) -> list[float]:

@@ -5,7 +5,9 @@ form a group, and each reply's advantage is its reward minus the group's mean re
 mean`), optionally divided by the group's standard deviation (`grpo`, as GRPO does). Every sampled token
 of a reply carries its reply's advantage as its loss weight; the shared training step then minimises
 sum(advantage x -log p(token)) / (sampled tokens of the step, all ranks): the token-level mean of the
-policy gradient. Prompt tokens and the calculator's forced output have no target and weigh nothing.
+policy gradient. `drgrpo` (Dr. GRPO, Liu et al. 2025) keeps the mean baseline without the std, and divides
+by a constant instead, replies x rl.max_new_tokens (stage.py), so that neither a reply's length nor the
+step's total length rescales a token's gradient. Prompt tokens and the calculator's forced output have no target and weigh nothing.
 
 A group whose replies all got the same reward (all right or all wrong) has advantage 0 everywhere: it
 carries no signal. Such groups are counted (`zero_signal_groups`) so a run that learns nothing shows it.
@@ -16,7 +18,7 @@ import torch
 
 from raychat.train.step import Batch, pad_rows
 
-ADVANTAGES = ("mean", "grpo")
+ADVANTAGES = ("mean", "grpo", "drgrpo")
 STD_EPS = 1e-4
 
 

@@ -12,7 +12,8 @@ top-k): they are recomputed afterwards in one teacher-forced pass of the same GP
 so the actor's and the learner's numbers agree (exactly in fp32) and the difference the learner logs
 measures only staleness and precision.
 
-Weights arrive with a version (`set_weights`); a chunk that asks for a newer version than the actor
+Weights arrive with a version (`set_weights` from the object store, or `receive_weights` by broadcast,
+weight_sync.py); a chunk that asks for a newer version than the actor
 holds is refused (`StaleWeights`), so no reply is ever sampled from weights older than the learner
 allows (rl.max_staleness).
 """
@@ -26,6 +27,7 @@ import torch
 from raychat.engine import Engine, derive_seed
 from raychat.model import autocast_context
 from raychat.pool import ModelWorker
+from raychat.rl.weight_sync import WeightReceiver
 from raychat.train.step import pad_rows
 
 
@@ -52,7 +54,7 @@ def token_logprobs(model, sequences: list[list[int]], device: str) -> list[list[
     return [(-losses[row, :len(s) - 1]).tolist() for row, s in enumerate(sequences)]
 
 
-class RolloutWorker(ModelWorker):
+class RolloutWorker(WeightReceiver, ModelWorker):
     """A pool actor that samples and grades replies for RL (see the module docstring)."""
 
     def __init__(self, model, tokenizer, use_gpu: bool, task_spec: str, reference_path: str | None = None):

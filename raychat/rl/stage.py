@@ -7,7 +7,8 @@ position in it is the whole data cursor and resume is exact), has its rollout ac
 `rl.num_samples` replies to each (one question per chunk, on whichever actor is free; an actor that dies
 is replaced and its questions sampled again, none lost or counted twice), turns rewards into advantages
 (advantage.py) and trains on the replies. After the update, `after_step` publishes the new weights as
-version k+1 (one `ray.put`; every actor of the rank loads it). With `rl.max_staleness` 1 the rollouts of
+version k+1 to the rank's actors (a broadcast in their own process group, or the object store:
+weight_sync.py). With `rl.max_staleness` 1 the rollouts of
 step k+1 are dispatched before step k is learned, with weights one version old, so generation and
 learning overlap; with 0 (the default) every reply comes from the weights being trained.
 
@@ -42,6 +43,12 @@ class RLStage(ChatStage):
         if s.ppo_epochs > 1 or s.kl_coef > 0:   # otherwise the shared step's weighted cross-entropy is the loss
             from raychat.rl.loss import policy_loss
             self.loss_fn = policy_loss(s.clip_eps, s.kl_coef)
+        if s.advantage == "drgrpo":
+            self.loss_normalizer = self.reply_budget
+
+    def reply_budget(self, batches) -> int:
+        """Dr. GRPO's constant normaliser: every reply counts as rl.max_new_tokens tokens (one row = one reply)."""
+        return sum(b.inputs.shape[0] for b in batches) * self.section.max_new_tokens
 
     def parent_stage(self) -> str:
         return self.section.source
@@ -157,7 +164,7 @@ class RolloutStream:
         self.step = (cursor or {}).get("step", 0)   # the next step whose replies this stream produces
         self.version = self.step                     # weights version = optimizer steps taken
         self.horizon_steps = stage.horizon(world, 0).num_iterations
-        self.pool, self.weights_ref = None, None
+        self.pool, self.publisher = None, None
         self.rows = None                             # the current rollouts' rows (reused by PPO epochs)
         self.queue: deque = deque()
         self.ahead = None                            # (step, future) of rollouts dispatched one step early
@@ -166,38 +173,32 @@ class RolloutStream:
 
     # -- actors and weights -----------------------------------------------------------------------------
     def _start_pool(self) -> None:
+        from raychat.common import checkpoint_dir
         from raychat.pool import ModelPool
         from raychat.rl.rollout import RolloutWorker
+        from raychat.rl.weight_sync import WeightPublisher, choose_weight_sync
         s = self.section
         per_rank = max(1, s.num_rollout_actors // self.world)
         reference = self.stage.parent()["path"] if s.kl_coef > 0 else None
         self.pool = ModelPool(RolloutWorker, self._policy_copy(), self.tokenizer, per_rank, s.use_gpu, s.task,
                               reference, num_gpus=self.stage.actor_gpus())
-        self.pool.on_replace = lambda actor: actor.set_weights.remote(self.version, self.weights_ref)
-        self._send_weights()
+        method = choose_weight_sync(s.weight_sync, s.use_gpu, s.placement)
+        store_dir = checkpoint_dir(self.stage.name, self.stage.cfg.run.name, self.stage.cfg.run.storage_path) / ".weight_sync"
+        self.publisher = WeightPublisher(method, self.pool, store_dir, next(self.stage.model.parameters()).device)
+        self.publisher.publish(self.stage.model, self.version)
 
     def _policy_copy(self):
         """A plain CPU copy of the learner's model for the actors (the learner's own object holds references
         to its process group and optimizer, which cannot be pickled)."""
         from raychat.model import build_model
         copy = build_model(self.stage.model.config, device="cpu", init=False)
-        copy.load_state_dict(self._cpu_state())
+        copy.load_state_dict({k: v.detach().to("cpu") for k, v in self.stage.model.state_dict().items()})
         return copy.eval()
-
-    def _cpu_state(self) -> dict:
-        return {k: v.detach().to("cpu") for k, v in self.stage.model.state_dict().items()}
-
-    def _send_weights(self) -> float:
-        import ray
-        started = time.perf_counter()
-        self.weights_ref = ray.put(self._cpu_state())
-        self.pool.call_all("set_weights", self.version, self.weights_ref)
-        return time.perf_counter() - started
 
     def publish(self, version: int) -> dict:
         """After an optimizer step: the actors get the new weights; returns the step's statistics."""
         self.version = version
-        self.step_stats["sync_s"] = self._send_weights()
+        self.step_stats.update(self.publisher.publish(self.stage.model, version))
         return dict(self.step_stats)
 
     # -- sampling ---------------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def run_stage(stage: Stage, rank: int, world: int, device: str, use_deepspeed: b
     for step in range(start_step, horizon.num_iterations):
         _maybe_inject_fault(cfg, root, step, rank, world)
         try:
-            result = train_step(backend, stream, step, schedule, horizon.grad_accum_steps, stage.loss_fn)
+            result = train_step(backend, stream, step, schedule, horizon.grad_accum_steps, stage.loss_fn,
+                                stage.loss_normalizer)
         except torch.cuda.OutOfMemoryError as error:
             raise UserError(f"out of GPU memory at {horizon.micro_batch_size} rows per micro-batch: set "
                             f"{stage.section_name}.memory_split={2 * section.memory_split} (same tokens per step, "

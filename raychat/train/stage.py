@@ -13,7 +13,8 @@ learner next) is a small class that supplies only what differs:
 - `train_data()`: an iterator of micro-batches with `state_dict()` (an exact resume cursor) and
   optionally `stats()` (epoch, cropped_fraction, wait_s; logged at every log line);
 - `evaluations()`: what to measure, and how often;
-- `loss_fn` (default: summed cross-entropy of the supervised tokens) and `after_step()` (RL weight sync).
+- `loss_fn` (default: summed cross-entropy of the supervised tokens), `loss_normalizer` (default: the
+  supervised tokens; what the step's loss sum is divided by) and `after_step()` (RL weight sync).
 
 Stages travel to Ray workers by name (`STAGES`) with the config and the plan, never as pickled objects.
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from raychat.common import UserError
-from raychat.train.step import Schedule, token_loss_sum
+from raychat.train.step import Schedule, supervised_tokens, token_loss_sum
 
 STAGES = {
     "base": "raychat.train.base:BaseStage",
@@ -80,6 +81,7 @@ class Stage:
     name = ""            # checkpoints/{name}/{run}, tb/{name}/{run}, report/{name}_train.json
     section_name = ""    # the config section with this stage's TrainConfig (pretrain, midtrain, sft)
     loss_fn = staticmethod(token_loss_sum)
+    loss_normalizer = staticmethod(supervised_tokens)
 
     def __init__(self, cfg, plan: dict | None = None):
         self.cfg = cfg

@@ -4,8 +4,9 @@ The step takes `grad_accum_steps` micro-batches, sets this step's learning-rate 
 schedules, and lets the backend (plain torch or DeepSpeed, see backend.py) run forward and backward on
 each micro-batch and then update every parameter once.
 
-The loss of a step is the sum of its token losses divided by N, the number of supervised tokens
-(target != -1) in all its micro-batches on all ranks. Each micro-batch backpropagates
+The loss of a step is the sum of its token losses divided by N, by default the number of supervised
+tokens (target != -1) in all its micro-batches on all ranks (a stage may count N otherwise: RL's Dr. GRPO
+divides by a constant per reply). Each micro-batch backpropagates
 sum(its token losses) x world / N; once the ranks average their gradients that is exactly the gradient
 of one big batch, however the step is split into micro-batches and ranks. A micro-batch without a
 supervised token contributes exactly nothing (a sum over no tokens is 0, never 0/0). A step without any
@@ -77,7 +78,7 @@ class Schedule:
 
 @dataclass
 class StepResult:
-    loss: float          # mean loss per supervised token, all micro-batches and ranks (nan when skipped)
+    loss: float          # sum of token losses / the normaliser (default: per supervised token); nan when skipped
     grad_norm: float     # global gradient norm before clipping (nan when skipped)
     lr_mult: float
     momentum: float
@@ -87,24 +88,32 @@ class StepResult:
     skipped: bool = False
 
 
+def supervised_tokens(batches: list[Batch]) -> int:
+    """The default loss normaliser of a rank's micro-batches: their tokens with a target."""
+    return sum(int((b.targets >= 0).sum()) for b in batches)
+
+
 def train_step(backend, batches: Iterator, step: int, schedule: Schedule, grad_accum_steps: int,
-               loss_fn: Callable[[Callable, Batch], torch.Tensor] = token_loss_sum) -> StepResult:
-    """Run optimizer step number `step` (0-based) on `grad_accum_steps` micro-batches from `batches`."""
+               loss_fn: Callable[[Callable, Batch], torch.Tensor] = token_loss_sum,
+               normalizer: Callable[[list[Batch]], float] = supervised_tokens) -> StepResult:
+    """Run optimizer step number `step` (0-based) on `grad_accum_steps` micro-batches from `batches`;
+    the loss is divided by the sum over ranks of `normalizer(this rank's micro-batches)`."""
     t0 = time.perf_counter()
     lr_mult, momentum = schedule.lr_mult(step), muon_momentum(step)
     backend.set_hyperparameters(lr_mult, momentum)
     micro_batches = [Batch.of(next(batches)) for _ in range(grad_accum_steps)]
     # counted on the host before the batches move: the normaliser must be known before the first backward
-    local = sum(int((b.targets >= 0).sum()) for b in micro_batches)
-    total, processed = backend.all_reduce_sum([local, sum(b.inputs.numel() for b in micro_batches)])
+    local = supervised_tokens(micro_batches)
+    total, processed, norm = backend.all_reduce_sum([local, sum(b.inputs.numel() for b in micro_batches),
+                                                     normalizer(micro_batches)])
     if total == 0:
         return StepResult(math.nan, math.nan, lr_mult, momentum, int(processed), 0, time.perf_counter() - t0,
                           skipped=True)
-    scale = backend.world / total
+    scale = backend.world / norm
     loss_sum = torch.zeros((), dtype=torch.float32, device=backend.device)  # one host sync per step, at the end
     for batch in micro_batches:
         loss_sum += backend.forward_backward(batch.to(backend.device), loss_fn, scale).float()
     grad_norm = backend.optimizer_step()
     (loss_total,) = backend.all_reduce_sum([loss_sum])
-    return StepResult(loss=loss_total / total, grad_norm=grad_norm, lr_mult=lr_mult, momentum=momentum,
+    return StepResult(loss=loss_total / norm, grad_norm=grad_norm, lr_mult=lr_mult, momentum=momentum,
                       tokens=int(processed), supervised=int(total), seconds=time.perf_counter() - t0)
