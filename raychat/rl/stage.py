@@ -165,7 +165,7 @@ class RolloutStream:
         self.version = self.step                     # weights version = optimizer steps taken
         self.horizon_steps = stage.horizon(world, 0).num_iterations
         self.pool, self.publisher = None, None
-        self.rows = None                             # the current rollouts' rows (reused by PPO epochs)
+        self.batches = None                          # the current rollouts' micro-batches (PPO epochs reuse them)
         self.queue: deque = deque()
         self.ahead = None                            # (step, future) of rollouts dispatched one step early
         self.executor = ThreadPoolExecutor(1) if s.max_staleness else None
@@ -232,20 +232,21 @@ class RolloutStream:
         if self.pool is None:
             self._start_pool()
         batch = self.step // epochs
-        if self.step % epochs == 0 or self.rows is None:   # a new batch of rollouts (else PPO reuses it)
+        if self.step % epochs == 0 or self.batches is None:   # a new batch of rollouts (else PPO reuses it)
             started = time.perf_counter()
             if self.ahead is not None and self.ahead[0] == batch:
                 results = self.ahead[1].result()
             else:
                 results = self._rollouts(batch)
             samples = [sample for r in results for sample in r["samples"]]
-            self.rows, stats = sample_rows(samples, self.section.num_samples, self.section.advantage)
+            rows, stats = sample_rows(samples, self.section.num_samples, self.section.advantage)
+            self.batches = micro_batches(rows, self.rows_per_batch)
             self.step_stats = {**stats, **self._rollout_stats(results, samples, time.perf_counter() - started)}
         # with max_staleness 1 the next batch is sampled during this batch's last update, by weights one
         # version older than the step that will learn from it
         if self.executor is not None and self.step % epochs == epochs - 1 and (batch + 1) * epochs < self.horizon_steps:
             self.ahead = (batch + 1, self.executor.submit(self._rollouts, batch + 1))
-        self.queue.extend(micro_batches(self.rows, self.rows_per_batch))
+        self.queue.extend(self.batches)
         self.step += 1
 
     def _rollout_stats(self, results: list[dict], samples: list[dict], waited: float) -> dict:

@@ -145,8 +145,13 @@ class WeightPublisher:
             self.method = "object_store"
             raise RuntimeError("the learner's and the actors' weights differ in names, shapes or dtypes; "
                                "using the object store from now on")
+        # each actor's join is queued right behind a ping: once every ping is back (each actor finished the
+        # rollout it was on) all of them are joining, so the learner does not wait in the rendezvous for an
+        # actor that is busy, or dead (a dead actor fails its ping instead)
+        pings = [actor.ping.remote() for actor in actors]
         joins = [actor.join_weight_group.remote(store_path, i + 1, world, self.backend)
                  for i, actor in enumerate(actors)]
+        ray.get(pings)
         self.group = make_group(store_path, 0, world, self.backend)
         ray.get(joins)
         self.members = actors
