@@ -93,10 +93,13 @@ def muon_momentum(step: int) -> float:
 def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An approximately semi-orthogonal matrix close to G (U V^T of its SVD), by `steps` iterations of
     X <- aX + (bA + cA^2)X with A = XX^T. The quintic coefficients trade exactness for speed: singular
-    values land roughly in [0.7, 1.2] rather than exactly at 1, which works as well for training."""
+    values land roughly in [0.7, 1.2] rather than exactly at 1, which works as well for training.
+    G may also be a stack of same-shape matrices (3-D): each is orthogonalised on its own, in batched
+    matrix products."""
     a, b, c = NS_COEFFICIENTS
-    if G.ndim != 2:
-        raise ValueError(f"newton_schulz takes a matrix, got shape {tuple(G.shape)}")
+    if G.ndim not in (2, 3):
+        raise ValueError(f"newton_schulz takes a matrix or a stack of matrices, got shape {tuple(G.shape)}")
+    fused = torch.addmm if G.ndim == 2 else torch.baddbmm
     X = G.to(dtype)
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide side: XX^T is the smaller product
@@ -104,9 +107,28 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        B = torch.addmm(A, A, A, beta=b, alpha=c)       # bA + cA^2, fused
-        X = torch.addmm(X, B, X, beta=a)                # aX + BX, fused
+        B = fused(A, A, A, beta=b, alpha=c)       # bA + cA^2, fused
+        X = fused(X, B, X, beta=a)                # aX + BX, fused
     return X.mT if transposed else X
+
+
+def orthogonalise(grads: list[torch.Tensor], steps: int = 5, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """`newton_schulz` of every matrix in `grads`, in the same order. Matrices of one shape are stacked and
+    orthogonalised together: one batched product per iteration instead of one per matrix keeps both cores
+    busy on small matrices and saves the per-call overhead (nanochat stacks same-shape parameters too).
+    Each result equals the matrix's own `newton_schulz` (tested), so the grouping cannot change training."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_shape.setdefault(tuple(g.shape), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    for indices in by_shape.values():
+        if len(indices) == 1:
+            out[indices[0]] = newton_schulz(grads[indices[0]], steps, dtype)
+            continue
+        stacked = newton_schulz(torch.stack([grads[i] for i in indices]), steps, dtype)
+        for i, x in zip(indices, stacked.unbind(0)):
+            out[i] = x
+    return out
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -182,18 +204,24 @@ class Muon(torch.optim.Optimizer):
                     owned.add(id(p))
         return owned
 
-    def _orthogonalised(self, p: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
-        """Advance p's momentum with grad; return the scaled update (to be multiplied by -lr)."""
+    def _nesterov(self, p: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
+        """Advance p's momentum with grad; return the Nesterov direction to orthogonalise."""
         state = self.state[p]
         if "momentum_buffer" not in state:  # fp32 even for bf16 weights: small gradients must not vanish
             state["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
         buf = state["momentum_buffer"]
         grad = grad.float()
         buf.lerp_(grad, 1 - group["momentum"])
-        g = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        dtype = self.ns_dtype or ns_dtype_for("auto", p.device)
-        update = newton_schulz(g, group["ns_steps"], dtype)
-        return (update * max(1.0, p.size(-2) / p.size(-1)) ** 0.5).to(p.dtype)
+        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def _updates(self, params: list[torch.Tensor], group) -> list[torch.Tensor]:
+        """The scaled updates (to be multiplied by -lr) of `params`, all orthogonalised in one batched call."""
+        if not params:
+            return []
+        directions = [self._nesterov(p, p.grad, group) for p in params]
+        dtype = self.ns_dtype or ns_dtype_for("auto", params[0].device)
+        return [(u * max(1.0, p.size(-2) / p.size(-1)) ** 0.5).to(p.dtype)
+                for p, u in zip(params, orthogonalise(directions, group["ns_steps"], dtype))]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -205,19 +233,23 @@ class Muon(torch.optim.Optimizer):
         self.reduce_gradients()
         self._reduced = False
         for group in self.param_groups:
+            chunks = self._assignments(group, world_size)
+            if world_size == 1:
+                params = [chunk[0] for chunk, _ in chunks if chunk[0].grad is not None]
+                for p, update in zip(params, self._updates(params, group)):
+                    p.add_(update, alpha=-group["lr"])
+                continue
+            # each rank orthogonalises its own matrix of every chunk (all of them in one batched call);
+            # one all_gather per chunk shares the updates
+            mine = [self._owned_by(rank, chunk, offset, world_size) for chunk, offset in chunks]
+            owned = [p for p in mine if p is not None]
+            updates = dict(zip(map(id, owned), self._updates(owned, group)))
             pending = []
-            for chunk, offset in self._assignments(group, world_size):
-                mine = self._owned_by(rank, chunk, offset, world_size)
-                if world_size == 1:
-                    if mine.grad is not None:
-                        mine.add_(self._orthogonalised(mine, mine.grad, group), alpha=-group["lr"])
-                    continue
-                # each rank orthogonalises its own matrix of the chunk; all_gather shares the updates
-                update = self._orthogonalised(mine, mine.grad, group) if mine is not None else torch.zeros_like(chunk[0])
-                update = update.contiguous()
+            for (chunk, offset), p in zip(chunks, mine):
+                update = updates[id(p)].contiguous() if p is not None else torch.zeros_like(chunk[0])
                 received = [torch.empty_like(chunk[0]) for _ in range(world_size)]
-                pending.append((chunk, offset, update, received, dist.all_gather(received, update, async_op=True)))
-            for chunk, offset, _, received, work in pending:
+                pending.append((chunk, offset, received, dist.all_gather(received, update, async_op=True)))
+            for chunk, offset, received, work in pending:
                 work.wait()
                 for r, update in enumerate(received):
                     p = self._owned_by(r, chunk, offset, world_size)

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from raychat.model import GPTConfig, build_model
 from raychat.optim import (Muon, build_optimizers, build_param_groups, lr_multiplier, muon_momentum, newton_schulz,
-                           set_lr_multiplier)
+                           orthogonalise, set_lr_multiplier)
 
 
 def test_newton_schulz_singular_values_near_one():
@@ -23,6 +23,24 @@ def test_newton_schulz_singular_values_near_one():
     s = torch.linalg.svdvals(newton_schulz(G))
     assert s.max() < 1.25 and (s > 0.65).float().mean() > 0.6
     assert torch.linalg.svdvals(G).min() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_newton_schulz_equals_one_matrix_at_a_time(dtype):
+    """Same-shape matrices orthogonalised together (one stack, batched products) give bitwise the result of
+    each matrix alone, for wide, tall and square shapes and mixed lists; so the grouping (which differs
+    between one process and each rank of a distributed run) cannot change an update."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 64), (96, 32), (32, 96), (64, 64), (96, 32), (64, 64), (32, 96), (96, 32), (48, 16)]
+    grads = [torch.randn(*shape, generator=g) for shape in shapes]
+    got = orthogonalise(grads, 5, dtype)
+    assert [tuple(x.shape) for x in got] == shapes
+    for G, x in zip(grads, got):
+        assert x.dtype == dtype and torch.equal(x, newton_schulz(G, 5, dtype))
+    stacked = torch.stack(grads[1::3])   # the three 96x32 (tall) matrices as one 3-D input
+    assert torch.equal(newton_schulz(stacked, 5, dtype), torch.stack([newton_schulz(G, 5, dtype) for G in grads[1::3]]))
+    with pytest.raises(ValueError, match="stack of matrices"):
+        newton_schulz(torch.zeros(2, 2, 4, 4))
 
 
 def test_muon_update_formula():
