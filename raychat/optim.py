@@ -244,14 +244,19 @@ class Muon(torch.optim.Optimizer):
         return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
     def _updates(self, params: list[torch.Tensor], group) -> list[torch.Tensor]:
-        """The scaled updates (to be multiplied by -lr) of `params`, orthogonalised in one call."""
+        """The orthogonalised updates of `params` (in the Newton-Schulz dtype; `_apply` scales them)."""
         if not params:
             return []
         directions = [self._nesterov(p, p.grad, group) for p in params]
         device = params[0].device
         dtype = self.ns_dtype or ns_dtype_for("auto", device)
-        updates = orthogonalise(directions, group["ns_steps"], dtype, stack=device.type == "cuda")
-        return [(u * max(1.0, p.size(-2) / p.size(-1)) ** 0.5).to(p.dtype) for p, u in zip(params, updates)]
+        return orthogonalise(directions, group["ns_steps"], dtype, stack=device.type == "cuda")
+
+    @staticmethod
+    def _apply(p: torch.Tensor, update: torch.Tensor, lr: float) -> None:
+        """p -= lr * sqrt(max(1, rows / cols)) * update, the scale folded into add_'s alpha (one pass over
+        the update, which may stay bf16) instead of a scaled copy."""
+        p.add_(update, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -267,7 +272,7 @@ class Muon(torch.optim.Optimizer):
             if world_size == 1:
                 params = [chunk[0] for chunk, _ in chunks if chunk[0].grad is not None]
                 for p, update in zip(params, self._updates(params, group)):
-                    p.add_(update, alpha=-group["lr"])
+                    self._apply(p, update, group["lr"])
                 continue
             # each rank orthogonalises its own matrix of every chunk (all of them in one call);
             # one all_gather per chunk shares the updates
@@ -276,7 +281,7 @@ class Muon(torch.optim.Optimizer):
             updates = dict(zip(map(id, owned), self._updates(owned, group)))
             pending = []
             for (chunk, offset), p in zip(chunks, mine):
-                update = updates[id(p)].contiguous() if p is not None else torch.zeros_like(chunk[0])
+                update = updates[id(p)].to(p.dtype).contiguous() if p is not None else torch.zeros_like(chunk[0])
                 received = [torch.empty_like(chunk[0]) for _ in range(world_size)]
                 pending.append((chunk, offset, received, dist.all_gather(received, update, async_op=True)))
             for chunk, offset, received, work in pending:
@@ -284,7 +289,7 @@ class Muon(torch.optim.Optimizer):
                 for r, update in enumerate(received):
                     p = self._owned_by(r, chunk, offset, world_size)
                     if p is not None:
-                        p.add_(update, alpha=-group["lr"])
+                        self._apply(p, update, group["lr"])
         return loss
 
     def reduce_gradients(self) -> None:
