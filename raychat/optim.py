@@ -95,26 +95,24 @@ GRAM_SPLIT_MIN_ROWS = 256   # below this the extra calls of the block split cost
 
 def _gram(X: torch.Tensor, base: torch.Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> torch.Tensor:
     """beta * base + alpha * X X^T, for a matrix or a stack of matrices. X X^T is symmetric, so from
-    GRAM_SPLIT_MIN_ROWS rows on it is computed as three blocks of a 2 x 2 split and the fourth is the
-    transpose of the off-diagonal one: 3/4 of the multiply-adds (Newton-Schulz at d8's shapes measured
-    11 % faster on a 2-core AVX512-BF16 CPU; the matrix products already ran at ~90 % of its bf16 peak,
-    so doing fewer of them is what is left). `base` is added inside each product (fused, one rounding);
+    GRAM_SPLIT_MIN_ROWS rows on it is computed as the upper half of its rows (one product) and the
+    lower-right block, and the lower-left block is the transpose of the upper-right one: 3/4 of the
+    multiply-adds (Newton-Schulz at d8's shapes measured ~11 % faster on a 2-core AVX512-BF16 CPU; the
+    matrix products already ran at ~90 % of its bf16 peak, so doing fewer of them is what is left). `base` is added inside each product (fused, one rounding);
     it must be symmetric (A in Newton-Schulz is), as its lower-left block is taken from the upper-right one."""
     fused = torch.addmm if X.ndim == 2 else torch.baddbmm
     m = X.size(-2)
     if m < GRAM_SPLIT_MIN_ROWS or m % 2:
         return X @ X.mT if base is None else fused(base, X, X.mT, beta=beta, alpha=alpha)
     h = m // 2
-    rows = (X[..., :h, :], X[..., h:, :])
-    spans = (slice(0, h), slice(h, m))
-
-    def block(i: int, j: int) -> torch.Tensor:
-        if base is None:
-            return rows[i] @ rows[j].mT
-        return fused(base[..., spans[i], spans[j]], rows[i], rows[j].mT, beta=beta, alpha=alpha)
-
-    top_left, top_right, bottom_right = block(0, 0), block(0, 1), block(1, 1)
-    return torch.cat([torch.cat([top_left, top_right], -1), torch.cat([top_right.mT, bottom_right], -1)], -2)
+    top, bottom = X[..., :h, :], X[..., h:, :]
+    if base is None:
+        upper, bottom_right = top @ X.mT, bottom @ bottom.mT          # upper = [top-left | top-right]
+    else:
+        upper = fused(base[..., :h, :], top, X.mT, beta=beta, alpha=alpha)
+        bottom_right = fused(base[..., h:, h:], bottom, bottom.mT, beta=beta, alpha=alpha)
+    lower = torch.cat([upper[..., h:].mT, bottom_right], -1)
+    return torch.cat([upper, lower], -2)
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -127,11 +125,11 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz takes a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     fused = torch.addmm if G.ndim == 2 else torch.baddbmm
-    X = G.to(dtype)
+    X = G.to(dtype, copy=True)   # our own copy, normalised in place (fresh buffers cost page faults on CPU)
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide side: XX^T is the smaller product
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    X.div_(X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = _gram(X)
         B = _gram(A, A, beta=b, alpha=c)   # bA + cA^2, with A^2 = AA^T as A is symmetric
@@ -234,14 +232,16 @@ class Muon(torch.optim.Optimizer):
         return owned
 
     def _nesterov(self, p: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
-        """Advance p's momentum with grad; return the Nesterov direction to orthogonalise."""
+        """Advance p's momentum with grad; return the Nesterov direction to orthogonalise. Computed in place
+        in the (fp32) gradient, as nanochat does: nothing reads it after the step, and a fresh buffer per
+        matrix costs page faults on CPU."""
         state = self.state[p]
         if "momentum_buffer" not in state:  # fp32 even for bf16 weights: small gradients must not vanish
             state["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
         buf = state["momentum_buffer"]
         grad = grad.float()
         buf.lerp_(grad, 1 - group["momentum"])
-        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        return grad.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
 
     def _updates(self, params: list[torch.Tensor], group) -> list[torch.Tensor]:
         """The orthogonalised updates of `params` (in the Newton-Schulz dtype; `_apply` scales them)."""
