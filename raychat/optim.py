@@ -98,8 +98,9 @@ def _gram(X: torch.Tensor, base: torch.Tensor | None = None, beta: float = 0.0, 
     GRAM_SPLIT_MIN_ROWS rows on it is computed as the upper half of its rows (one product) and the
     lower-right block, and the lower-left block is the transpose of the upper-right one: 3/4 of the
     multiply-adds (Newton-Schulz at d8's shapes measured ~11 % faster on a 2-core AVX512-BF16 CPU; the
-    matrix products already ran at ~90 % of its bf16 peak, so doing fewer of them is what is left). `base` is added inside each product (fused, one rounding);
-    it must be symmetric (A in Newton-Schulz is), as its lower-left block is taken from the upper-right one."""
+    matrix products already ran at ~90 % of its bf16 peak, so doing fewer of them is what is left).
+    `base` is added inside each product (fused, one rounding); it must be symmetric (A in Newton-Schulz
+    is), as its lower-left block is taken from the upper-right one."""
     fused = torch.addmm if X.ndim == 2 else torch.baddbmm
     m = X.size(-2)
     if m < GRAM_SPLIT_MIN_ROWS or m % 2:
@@ -142,9 +143,9 @@ def orthogonalise(grads: list[torch.Tensor], steps: int = 5, dtype: torch.dtype 
     """`newton_schulz` of every matrix in `grads`, in the same order. With `stack`, matrices of one shape
     are stacked and orthogonalised together, one batched product per iteration instead of one per
     matrix (nanochat does this on GPUs, where it saves kernel launches). Each result equals the matrix's
-    own `newton_schulz` either way (tested), so stacking cannot change training. On CPU it is slower
-    (d8's 48 matrices in bf16: 902 vs 847 ms, and 1,179 vs 780 ms with `_gram`'s block split), so
-    Muon stacks on CUDA only."""
+    own `newton_schulz` either way (tested), so stacking cannot change training. On the 2-core CPU it
+    is no faster (d8's 48 matrices in bf16: 902 vs 847 ms before `_gram`'s block split, 757 vs 749 ms
+    with it: one product of a 512-row matrix already keeps both cores busy), so Muon stacks on CUDA only."""
     if not stack:
         return [newton_schulz(g, steps, dtype) for g in grads]
     by_shape: dict[tuple, list[int]] = {}
