@@ -52,7 +52,9 @@ def prebuild_deepspeed_ops() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-    ShareMemCommBuilder().load(verbose=False)
+    builder = ShareMemCommBuilder()
+    if builder.is_compatible(verbose=False):   # as DeepSpeed itself: elsewhere (macOS) it falls back to gloo
+        builder.load(verbose=False)
 
 
 def _world() -> int:
