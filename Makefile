@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml $(RUST_SOURCES)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 -e ".[dev]"
 	@if [ -d tokenizer_rust ]; then $(PY) -m pip install -q ./tokenizer_rust; fi
+	@# DeepSpeed's CPU all-reduce op, compiled once here rather than in the first training run's start-up
+	$(PY) -c "from raychat.train.backend import prebuild_deepspeed_ops; prebuild_deepspeed_ops()"
 	@touch $(STAMP)
 
 test: install

@@ -219,13 +219,21 @@ def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
 
 def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor):
     """For one chunk of raw logits (n, V): sum_i w_i * CE(softcap(logits_i), t_i), and its gradient with
-    respect to the raw logits, in the logits' dtype. Targets of -1 must carry weight 0."""
-    capped = LOGIT_SOFTCAP * torch.tanh(logits.to(_at_least_fp32(logits.dtype)) / LOGIT_SOFTCAP)
-    lse = torch.logsumexp(capped, dim=-1)
+    respect to the raw logits, in the logits' dtype. Targets of -1 must carry weight 0.
+
+    Written for eager CPU training, where each pass over the chunk costs as much as its share of the
+    lm_head matmuls (d2 demo: this function was 45 % of a step): 8 passes instead of ~15, in place where
+    possible. The soft-capped logits lie in [-15, 15], so exp cannot overflow in fp32 (the sum is at most
+    V * e^15) and the usual max-shift of logsumexp, a pass of its own, is not needed."""
+    t = torch.tanh_(logits.to(_at_least_fp32(logits.dtype)) / LOGIT_SOFTCAP)   # softcap(x) = 15 t
+    exp = torch.exp_(t * LOGIT_SOFTCAP)
+    sum_exp = exp.sum(dim=-1)
     safe = targets.clamp(min=0)[:, None]
-    loss = ((lse - capped.gather(1, safe).squeeze(1)) * token_weights).sum()
-    probs = torch.exp(capped - lse[:, None]).scatter_add(1, safe, torch.full_like(safe, -1, dtype=capped.dtype))
-    grad = probs * token_weights[:, None] * (1 - (capped / LOGIT_SOFTCAP) ** 2)   # softmax - onehot, through tanh
+    target_logit = LOGIT_SOFTCAP * t.gather(1, safe).squeeze(1)
+    loss = ((torch.log(sum_exp) - target_logit) * token_weights).sum()
+    grad = exp.mul_((token_weights / sum_exp)[:, None])                # w * softmax
+    grad.scatter_add_(1, safe, -token_weights[:, None].to(grad.dtype))  # w * (softmax - onehot)
+    grad.addcmul_(grad, t.square_(), value=-1)                          # through tanh: x (1 - t^2)
     return loss, grad.to(logits.dtype)
 
 

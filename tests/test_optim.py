@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from raychat.model import GPTConfig, build_model
 from raychat.optim import (Muon, build_optimizers, build_param_groups, lr_multiplier, muon_momentum, newton_schulz,
-                           set_lr_multiplier)
+                           orthogonalise, set_lr_multiplier)
 
 
 def test_newton_schulz_singular_values_near_one():
@@ -23,6 +23,44 @@ def test_newton_schulz_singular_values_near_one():
     s = torch.linalg.svdvals(newton_schulz(G))
     assert s.max() < 1.25 and (s > 0.65).float().mean() > 0.6
     assert torch.linalg.svdvals(G).min() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_newton_schulz_equals_one_matrix_at_a_time(dtype):
+    """Same-shape matrices orthogonalised together (one stack, batched products) give bitwise the result of
+    each matrix alone, for wide, tall and square shapes, small ones and ones large enough for the block
+    split of X X^T; so stacking (on CUDA) cannot change an update."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 64), (96, 32), (32, 96), (64, 64), (96, 32), (256, 320), (64, 64), (32, 96), (96, 32),
+              (48, 16), (320, 256), (256, 320)]
+    grads = [torch.randn(*shape, generator=g) for shape in shapes]
+    alone = [newton_schulz(G, 5, dtype) for G in grads]
+    for stack in (False, True):
+        got = orthogonalise(grads, 5, dtype, stack=stack)
+        assert [tuple(x.shape) for x in got] == shapes
+        for x, reference in zip(got, alone):
+            assert x.dtype == dtype and torch.equal(x, reference)
+    tall = [1, 4, 8]   # the three 96x32 matrices as one 3-D input
+    assert torch.equal(newton_schulz(torch.stack([grads[i] for i in tall]), 5, dtype),
+                       torch.stack([alone[i] for i in tall]))
+    with pytest.raises(ValueError, match="stack of matrices"):
+        newton_schulz(torch.zeros(2, 2, 4, 4))
+
+
+def test_gram_block_split_is_the_symmetric_product():
+    """`_gram` (3 of the 4 blocks of X X^T from 256 rows on) equals the plain product, also fused as
+    beta * base + alpha * X X^T with a symmetric base, and is exactly symmetric off the diagonal blocks."""
+    from raychat.optim import GRAM_SPLIT_MIN_ROWS, _gram
+    g = torch.Generator().manual_seed(0)
+    for rows in (GRAM_SPLIT_MIN_ROWS - 2, GRAM_SPLIT_MIN_ROWS, 2 * GRAM_SPLIT_MIN_ROWS):
+        X = torch.randn(rows, 300, generator=g, dtype=torch.float64)
+        base = torch.randn(rows, rows, generator=g, dtype=torch.float64)
+        base = base + base.T   # symmetric, as A is in Newton-Schulz
+        torch.testing.assert_close(_gram(X), X @ X.T)
+        torch.testing.assert_close(_gram(X, base, beta=0.5, alpha=-2.0), 0.5 * base - 2.0 * X @ X.T)
+        torch.testing.assert_close(_gram(X[None].expand(3, -1, -1)), (X @ X.T)[None].expand(3, -1, -1))
+        h = rows // 2
+        assert torch.equal(_gram(X)[h:, :h], _gram(X)[:h, h:].T) or rows < GRAM_SPLIT_MIN_ROWS
 
 
 def test_muon_update_formula():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +33,28 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from raychat.model import compile_loss_kernel
 from raychat.optim import Muon, build_adamw, build_param_groups, ns_dtype_for
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled ops go: one cache per Python environment. On CPU, DeepSpeed compiles
+    its shared-memory all-reduce op (25-70 s on 2 busy cores) into torch's extension cache, and the build
+    file names this environment's paths, so environments sharing the default ~/.cache/torch_extensions
+    (several checkouts, CI) rebuild it in turn: measured as part of nearly every demo run's start-up."""
+    return Path(sys.prefix) / "torch_extensions"
+
+
+def prebuild_deepspeed_ops() -> None:
+    """Compile DeepSpeed's CPU shared-memory all-reduce op into `extensions_dir()` now (`make install`
+    calls this), so that the first training run does not spend its start-up compiling it. Not needed
+    where CUDA is available (the op is for CPU training)."""
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    builder = ShareMemCommBuilder()
+    if builder.is_compatible(verbose=False):   # as DeepSpeed itself: elsewhere (macOS) it falls back to gloo
+        builder.load(verbose=False)
 
 
 def _world() -> int:
@@ -183,6 +206,7 @@ class DeepSpeedBackend(TrainBackend):
                  compile: bool | str = False):
         super().__init__(model, train_cfg, device, dtype, compile)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.device(device).type == "cuda" else "cpu")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
         import deepspeed
         self.client_adamw = build_adamw(self.adamw_groups)
         ds_config = {
