@@ -34,7 +34,6 @@ from raychat.common import get_logger
 
 log = get_logger("raychat.train")
 
-WEIGHT_SYNCS = ("auto", "broadcast", "object_store")
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)   # actors may finish a long rollout before they join a broadcast
 
 
@@ -63,12 +62,11 @@ def make_group(store_path: str, rank: int, world: int, backend: str):
     return dist.ProcessGroupGloo(store, rank, world, options)
 
 
-def broadcast_state(group, model, expected: list[tuple] | None = None) -> None:
-    """Broadcast every tensor of `model`'s state dict from rank 0 into the other ranks' tensors, in place.
-    The state dict's tensors share storage with the parameters, so receiving into them updates the model."""
-    state = model.state_dict()
-    for name, _, _ in expected or manifest(model):
-        tensor = state[name]
+def broadcast_state(group, model) -> None:
+    """Broadcast every tensor of `model`'s state dict from rank 0 into the other ranks' tensors, in place,
+    in name order (the manifest's). The state dict's tensors share storage with the parameters, so
+    receiving into them updates the model."""
+    for _, tensor in sorted(model.state_dict().items()):
         group.broadcast(tensor, 0).wait()
 
 
