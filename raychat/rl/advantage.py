@@ -7,7 +7,8 @@ of a reply carries its reply's advantage as its loss weight; the shared training
 sum(advantage x -log p(token)) / (sampled tokens of the step, all ranks): the token-level mean of the
 policy gradient. `drgrpo` (Dr. GRPO, Liu et al. 2025) keeps the mean baseline without the std, and divides
 by a constant instead, replies x rl.max_new_tokens (stage.py), so that neither a reply's length nor the
-step's total length rescales a token's gradient. Prompt tokens and the calculator's forced output have no target and weigh nothing.
+step's total length rescales a token's gradient. Prompt tokens and the calculator's forced output have no
+target and weigh nothing.
 
 A group whose replies all got the same reward (all right or all wrong) has advantage 0 everywhere: it
 carries no signal. Such groups are counted (`zero_signal_groups`) so a run that learns nothing shows it.

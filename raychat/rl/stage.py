@@ -183,7 +183,8 @@ class RolloutStream:
         self.pool = ModelPool(RolloutWorker, self._policy_copy(), self.tokenizer, per_rank, s.use_gpu, s.task,
                               reference, num_gpus=self.stage.actor_gpus())
         method = choose_weight_sync(s.weight_sync, s.use_gpu, s.placement)
-        store_dir = checkpoint_dir(self.stage.name, self.stage.cfg.run.name, self.stage.cfg.run.storage_path) / ".weight_sync"
+        run = self.stage.cfg.run
+        store_dir = checkpoint_dir(self.stage.name, run.name, run.storage_path) / ".weight_sync"
         self.publisher = WeightPublisher(method, self.pool, store_dir, next(self.stage.model.parameters()).device)
         self.publisher.publish(self.stage.model, self.version)
 
@@ -191,8 +192,9 @@ class RolloutStream:
         """A plain CPU copy of the learner's model for the actors (the learner's own object holds references
         to its process group and optimizer, which cannot be pickled)."""
         from raychat.model import build_model
+        from raychat.rl.weight_sync import cpu_state
         copy = build_model(self.stage.model.config, device="cpu", init=False)
-        copy.load_state_dict({k: v.detach().to("cpu") for k, v in self.stage.model.state_dict().items()})
+        copy.load_state_dict(cpu_state(self.stage.model))
         return copy.eval()
 
     def publish(self, version: int) -> dict:

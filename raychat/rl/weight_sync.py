@@ -11,8 +11,8 @@ Two ways (`rl.weight_sync`):
   sides are on GPUs (device to device, no host copy), gloo over TCP on CPUs.
 
 The group meets through a `FileStore` in the run's checkpoint directory (shared by every node, as the
-checkpoints are), so no rendezvous server has to listen on a port. Both sides check that they hold the
-same tensors (names, shapes, dtypes) when the group forms.
+checkpoints are), so no rendezvous server has to listen on a port. When the group forms, the learner
+checks that its actors hold the same tensors (names, shapes, dtypes); if not, it uses the object store.
 
 Failures: a broadcast that fails (an actor died, a connection broke) leaves the group broken; that
 version goes through the object store instead (the pool replaces dead actors there), and the next
@@ -48,6 +48,11 @@ def choose_weight_sync(setting: str, use_gpu: bool, placement: str) -> str:
 def manifest(model) -> list[tuple[str, tuple, str]]:
     """(name, shape, dtype) of every tensor of the state dict, in the order both sides send them."""
     return [(name, tuple(t.shape), str(t.dtype)) for name, t in sorted(model.state_dict().items())]
+
+
+def cpu_state(model) -> dict:
+    """The state dict's tensors on the CPU (copied off a GPU): what the object store ships."""
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
 def make_group(store_path: str, rank: int, world: int, backend: str):
@@ -102,7 +107,7 @@ class WeightReceiver:
 class WeightPublisher:
     """The learner side of one rank: sends each version to that rank's actors (see the module docstring)."""
 
-    def __init__(self, method: str, pool, store_dir: Path | None, device: str):
+    def __init__(self, method: str, pool, store_dir: Path, device: str):
         self.method, self.pool, self.store_dir = method, pool, store_dir
         self.backend = "nccl" if str(device).startswith("cuda") else "gloo"
         self.model, self.version = None, 0
@@ -115,31 +120,28 @@ class WeightPublisher:
     def _replaced(self, actor) -> None:
         """A replacement actor: the latest weights through the object store; the group re-forms next time."""
         if self.weights_ref is None:
-            self.weights_ref = ray.put(self._cpu_state())
+            self.weights_ref = ray.put(cpu_state(self.model))
         ray.get(actor.set_weights.remote(self.version, self.weights_ref))
-
-    def _cpu_state(self) -> dict:
-        return {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
 
     def publish(self, model, version: int) -> dict:
         """Send `version` of `model`'s weights to every actor; statistics of how it went."""
         self.model, self.version = model, version
         started = time.perf_counter()
-        sent = self.method == "broadcast" and self._broadcast(model, version)
+        sent = self.method == "broadcast" and self._broadcast()
         if not sent:
-            self._through_object_store(version)
+            self._through_object_store()
         return {"sync_s": time.perf_counter() - started, "sync_fallbacks": self.fallbacks}
 
-    def _through_object_store(self, version: int) -> None:
-        self.weights_ref = ray.put(self._cpu_state())
-        self.pool.call_all("set_weights", version, self.weights_ref)
+    def _through_object_store(self) -> None:
+        self.weights_ref = ray.put(cpu_state(self.model))
+        self.pool.call_all("set_weights", self.version, self.weights_ref)
 
-    def _form_group(self, model) -> None:
+    def _form_group(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         store_path = str(self.store_dir / f"group-{uuid.uuid4().hex}")
         actors = list(self.pool.actors)
         world = len(actors) + 1
-        if ray.get(actors[0].weight_manifest.remote()) != manifest(model):   # a mismatch is for good
+        if ray.get(actors[0].weight_manifest.remote()) != manifest(self.model):   # a mismatch is for good
             self.method = "object_store"
             raise RuntimeError("the learner's and the actors' weights differ in names, shapes or dtypes; "
                                "using the object store from now on")
@@ -154,15 +156,15 @@ class WeightPublisher:
         ray.get(joins)
         self.members = actors
 
-    def _broadcast(self, model, version: int) -> bool:
-        """True when every actor received `version`; False (group dropped) when the object store must."""
+    def _broadcast(self) -> bool:
+        """True when every actor received this version; False (group dropped) when the object store must."""
         try:
             if self.group is None or self.members != list(self.pool.actors):
                 self._drop()
-                self._form_group(model)
-            receives = [actor.receive_weights.remote(version) for actor in self.members]
+                self._form_group()
+            receives = [actor.receive_weights.remote(self.version) for actor in self.members]
             with torch.no_grad():
-                broadcast_state(self.group, model)
+                broadcast_state(self.group, self.model)
             ray.get(receives)
             self.weights_ref = None   # the object-store copy is out of date now
             return True
@@ -170,7 +172,7 @@ class WeightPublisher:
             failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         # (outside the except block: its traceback would keep the group alive, and actors inside it waiting)
         self.fallbacks += 1
-        log.warning(f"weight broadcast of version {version} failed ({failure}); sending it through the object store")
+        log.warning(f"weight broadcast of version {self.version} failed ({failure}); sending it through the object store")
         self._drop()
         return False
 
